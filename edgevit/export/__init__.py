@@ -1,0 +1,73 @@
+"""Export targets. ``TARGETS`` is the single table that drives the CLI's argument checks and
+``--help``, the README's support matrix, the recipes and the tests."""
+from __future__ import annotations
+
+from edgevit.errors import EdgevitError
+from edgevit.export.base import ExportResult, OptionSpec, RuntimeUnavailable, TargetSpec
+
+_TARGET_LIST = (
+    TargetSpec(
+        name="onnx",
+        description="ONNX graph, verified in onnxruntime",
+        suffix=".onnx",
+        precisions=("fp32", "fp16"),
+        runtime="onnxruntime",
+        extra="onnx",
+        requires=("onnx", "onnxruntime", "onnxslim"),
+        options=(
+            OptionSpec("opset", 18, "ONNX opset (>= 17)."),
+            OptionSpec("dynamic_batch", False, "Leave the batch dimension free."),
+            OptionSpec("exporter", "torchscript", "torch.onnx exporter.", ("torchscript", "dynamo")),
+            OptionSpec("simplify", True, "Simplify the graph with onnxslim."),
+            OptionSpec("fp16_io", False, "With fp16: float16 inputs/outputs too (default keeps them float32)."),
+        ),
+    ),
+    TargetSpec(
+        name="executorch",
+        description="ExecuTorch .pte, lowered to XNNPACK (or Core ML), verified in executorch.runtime",
+        suffix=".pte",
+        precisions=("fp32",),
+        runtime="executorch.runtime",
+        extra="executorch",
+        requires=("executorch",),
+        options=(
+            OptionSpec("backend", "xnnpack", "Delegate backend.", ("xnnpack", "coreml")),
+        ),
+    ),
+    TargetSpec(
+        name="coreml",
+        description="Core ML ML program (.mlpackage); runs on macOS, numerics pre-checked elsewhere",
+        suffix=".mlpackage",
+        precisions=("fp16", "fp32"),
+        runtime="coremltools (MLModel.predict, macOS only)",
+        extra="coreml",
+        requires=("coremltools",),
+        options=(
+            OptionSpec("deployment_target", "iOS17", "Minimum OS the model runs on.",
+                       ("iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15")),
+            OptionSpec("image_input", False, "Take an RGB image with 0-255 pixels (normalisation folded into the model)."),
+            OptionSpec("labels_file", "", "Class labels, one per line, embedded as a Core ML classifier "
+                       "(ImageNet names are not bundled: without it the output is logits)."),
+        ),
+    ),
+)
+TARGETS: dict[str, TargetSpec] = {t.name: t for t in _TARGET_LIST}
+
+
+def get_target(name: str) -> TargetSpec:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise EdgevitError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}") from None
+
+
+def all_options() -> dict[str, OptionSpec]:
+    """Every target option by name (for the CLI, which offers the union and checks per target)."""
+    options: dict[str, OptionSpec] = {}
+    for target in _TARGET_LIST:
+        for option in target.options:
+            options.setdefault(option.name, option)
+    return options
+
+
+__all__ = ["TARGETS", "ExportResult", "OptionSpec", "RuntimeUnavailable", "TargetSpec", "all_options", "get_target"]

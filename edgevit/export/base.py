@@ -1,0 +1,97 @@
+"""What every export target shares: its row in the target table, the artifact it produces, the
+verification figures, and the runtime-unavailable signal.
+
+A target module (``edgevit/export/<name>.py``) provides two functions:
+
+- ``export(model, example, precision, options, out_dir) -> ExportResult``: write the artifact
+  into ``out_dir`` (a private temporary folder) and say what it wrote;
+- ``load_runner(artifact_path, options) -> Runner``: the target's real runtime, as a callable
+  from a float32 NCHW numpy batch to float32 logits; raises :class:`RuntimeUnavailable` where
+  that runtime cannot run here (Core ML off macOS), and may then offer
+  ``precheck(model, example, precision) -> PrecheckResult`` as the next best check.
+
+Verification, the manifest and atomic placement are done once, by the pipeline.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import numpy as np
+
+from edgevit.errors import EdgevitError
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class RuntimeUnavailable(Exception):
+    """The target's runtime cannot run on this machine (the reason is the message)."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One target-specific export option; the CLI flag is ``--`` + name with ``_`` as ``-``."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A row of the target table (``edgevit.export.TARGETS``)."""
+
+    name: str
+    description: str
+    suffix: str  # file (or bundle directory) suffix of the artifact
+    precisions: tuple[str, ...]
+    runtime: str  # what verifies and runs the artifact
+    extra: str  # pip extra that installs what it needs
+    requires: tuple[str, ...]  # importable modules it needs
+    options: tuple[OptionSpec, ...] = ()
+
+    @property
+    def default_precision(self) -> str:
+        return self.precisions[0]
+
+    def option(self, name: str) -> OptionSpec | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def missing_packages(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def implementation(self) -> ModuleType:
+        missing = self.missing_packages()
+        if missing:
+            raise EdgevitError(
+                f"target {self.name} needs {', '.join(missing)}: "
+                f"install it with  pip install -c constraints.txt -e \".[{self.extra}]\""
+            )
+        return importlib.import_module(f"edgevit.export.{self.name}")
+
+
+@dataclass
+class ExportResult:
+    """What a target wrote: the artifact path and target-specific facts for the manifest."""
+
+    path: Path
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrecheckResult:
+    """A check that stands in for running the artifact where its runtime cannot run."""
+
+    name: str
+    reference: np.ndarray  # fp32 output
+    candidate: np.ndarray  # output computed the way the runtime would (e.g. float16)
+    notes: list[str] = field(default_factory=list)

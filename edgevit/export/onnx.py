@@ -1,0 +1,149 @@
+"""ONNX target: torch.onnx export of the deploy model, onnxslim, optional float16, onnxruntime."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgevit.errors import EdgevitError
+from edgevit.export.base import ExportResult, Runner
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+MIN_OPSET = 17
+
+# Ops left in float32 in an fp16 graph: their reductions and exponentials overflow or lose the
+# small differences that matter in float16 (the same ops the fp16 pre-checks flag).
+FP16_KEEP_FLOAT32 = ("LayerNormalization", "GroupNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf")
+
+
+def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path) -> ExportResult:
+    import onnx
+
+    if options["opset"] < MIN_OPSET:
+        raise EdgevitError(f"opset {options['opset']} is too old: edgevit exports opset {MIN_OPSET} or newer")
+    path = out_dir / f"{model.cfg.name}.onnx"
+    _torch_export(model, example, path, options)
+    graph = onnx.load(str(path))
+    if options["simplify"]:
+        graph = _simplify(graph)
+    if precision == "fp16":
+        graph = _to_float16(graph, keep_io_float32=not options["fp16_io"])
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
+    ops = collections.Counter(node.op_type for node in graph.graph.node)
+    return ExportResult(path, {
+        "exporter": options["exporter"], "opset": options["opset"], "dynamic_batch": options["dynamic_batch"],
+        "simplified": options["simplify"], "nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items())),
+        "io_dtype": "float16" if precision == "fp16" and options["fp16_io"] else "float32",
+    })
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, options: dict[str, Any]) -> None:
+    dynamic = options["dynamic_batch"]
+    common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=options["opset"])
+    # The exporters narrate every step and warn about optional ops (torchvision's); what matters
+    # to the user is reported by the pipeline instead.
+    with _quiet():
+        if options["exporter"] == "dynamo":
+            shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
+            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
+                                        external_data=False, verbose=False, **common)
+            program.save(str(path), external_data=False)
+        else:
+            axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic else None
+            torch.onnx.export(model, (example,), str(path), dynamo=False, dynamic_axes=axes,
+                              do_constant_folding=True, **common)
+
+
+def _simplify(graph):
+    import onnxslim
+
+    with _quiet():
+        return onnxslim.slim(graph)
+
+
+def _to_float16(graph, keep_io_float32: bool):
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with _quiet():
+        converted = convert_float_to_float16(graph, keep_io_types=keep_io_float32, op_block_list=list(FP16_KEEP_FLOAT32))
+    _repair_node_order(converted.graph)
+    return converted
+
+
+def _repair_node_order(graph) -> None:
+    """Put producers before consumers and drop exact duplicate nodes.
+
+    The converter appends its input casts at the end of the node list, and emits one identical
+    Cast per use of an initializer shared by kept-float32 ops; ONNX needs a sorted SSA graph.
+    """
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    seen: set[bytes] = set()
+    pending, ordered = [], []
+    for node in graph.node:
+        key = node.SerializeToString()
+        if key not in seen:
+            seen.add(key)
+            pending.append(node)
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise EdgevitError("the float16 ONNX graph has a dangling input; export fp32 instead")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        ready_ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ready_ids]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+@contextlib.contextmanager
+def _quiet():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """An onnxruntime session with full graph optimisation (shared with the profiler)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def load_runner(path: Path, options: dict[str, Any]) -> Runner:
+    sess = session(path)
+    meta = sess.get_inputs()[0]
+    static_batch = meta.shape[0] if isinstance(meta.shape[0], int) else None
+    dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        # A static-batch graph takes its own batch size; feed it slice by slice.
+        step = static_batch or len(batch)
+        outputs = [sess.run(None, {meta.name: batch[i:i + step].astype(dtype)})[0] for i in range(0, len(batch), step)]
+        return np.concatenate(outputs).astype(np.float32)
+
+    return run

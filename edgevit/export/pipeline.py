@@ -1,0 +1,278 @@
+"""The export pipeline, written once for every target:
+
+load (random init or checkpoint) → deploy form → target export into a private temporary folder
+→ run the artifact in the target's real runtime against the PyTorch eval model → manifest →
+one atomic rename into place. A failed verification leaves nothing at the destination.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import edgevit
+from edgevit.errors import EdgevitError
+from edgevit.export import get_target
+from edgevit.export.base import RuntimeUnavailable
+from edgevit.export.recipes import Recipe, resolve_recipe
+from edgevit.models import create_model, get_model_cfg, load_checkpoint, to_deploy
+
+_PARTIAL_PREFIX = ".edgevit-partial-"
+MANIFEST_NAME = "manifest.json"
+
+
+class VerificationFailed(EdgevitError):
+    """The artifact's outputs are outside the recipe's tolerances (nothing was written)."""
+
+
+@dataclass
+class ExportOutcome:
+    artifact: Path  # the artifact inside its bundle folder
+    bundle: Path  # folder holding the artifact and its manifest
+    manifest: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def verification(self) -> dict[str, Any]:
+        return self.manifest["verification"]
+
+
+def verification_batch(cfg, batch: int, seed: int = 0) -> torch.Tensor:
+    """A fixed batch with the statistics of real preprocessed images: uniform pixels in [0, 1]
+    normalised with the model's own mean/std (so e.g. MobileViT v2 sees [0, 1] inputs)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(batch, *cfg.input_size, generator=generator)
+    mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std).view(1, -1, 1, 1)
+    return (pixels - mean) / std
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Agreement figures of a candidate output batch with the float32 reference."""
+    reference = reference.astype(np.float64).reshape(len(reference), -1)
+    candidate = candidate.astype(np.float64).reshape(len(candidate), -1)
+    if reference.shape != candidate.shape:
+        raise VerificationFailed(f"artifact output shape {candidate.shape} differs from PyTorch's {reference.shape}")
+    finite = bool(np.isfinite(candidate).all())
+    difference = np.abs(candidate - reference)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    cosine = np.sum(reference * candidate, axis=1) / np.maximum(norms, 1e-30)
+    return {
+        "max_abs_error": float(difference.max()) if finite else float("inf"),
+        "max_rel_error": float(difference.max() / max(np.abs(reference).max(), 1e-30)) if finite else float("inf"),
+        "cosine": float(cosine.min()) if finite else 0.0,  # the worst sample, not the mean
+        "top1_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))),
+        # A collapsed artifact (e.g. int8 scales larger than the logit range) gives few values.
+        "distinct_values": int(len(np.unique(candidate.round(6)))),
+        "finite": finite,
+    }
+
+
+def export_model(
+    model: str,
+    target: str | None = None,
+    precision: str | None = None,
+    weights: str | None = None,
+    out_dir: str | os.PathLike = "artifacts",
+    recipe: str | None = None,
+    options: dict[str, Any] | None = None,
+    tolerances: dict[str, float] | None = None,
+    verify: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> ExportOutcome:
+    """Export a registered model to a verified artifact with a manifest; see the module doc."""
+    step = progress or (lambda _message: None)
+    cfg = get_model_cfg(model)  # unknown names fail before any slow work
+    chosen = resolve_recipe(recipe, target, precision)
+    if options or tolerances:
+        chosen = chosen.with_changes(options=options, tolerances=tolerances)
+    spec = get_target(chosen.target)
+    implementation = spec.implementation()  # missing backend → names the extra to install
+    out_dir = _writable_dir(Path(out_dir))
+    bundle = out_dir / f"{cfg.name}-{chosen.name}"
+    seconds: dict[str, float] = {}
+
+    clock = time.perf_counter()
+    step(f"loading {cfg.name}" + (f" from {weights}" if weights else " (random weights)"))
+    eval_model = create_model(cfg.name)
+    report = load_checkpoint(eval_model, weights) if weights else None
+    deploy_model = to_deploy(eval_model)
+    example = verification_batch(cfg, chosen.verify_batch)
+    with torch.no_grad():
+        reference = eval_model(example).numpy()
+    seconds["load"] = time.perf_counter() - clock
+
+    _remove_stale_partials(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_PARTIAL_PREFIX}{os.getpid()}-", dir=out_dir))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would carry over to the bundle
+    try:
+        clock = time.perf_counter()
+        step(f"exporting to {spec.name} ({chosen.precision}, recipe {chosen.name})")
+        result = implementation.export(deploy_model, example[:1], chosen.precision, chosen.options, staging)
+        seconds["export"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        if verify:
+            step(f"verifying in {spec.runtime}")
+            verification = _verify(implementation, result.path, chosen, deploy_model, example, reference)
+        else:
+            verification = {"check": "skipped (--no-verify)", "passed": None}
+        seconds["verify"] = time.perf_counter() - clock
+
+        if verification.get("passed") is False:
+            raise VerificationFailed(
+                f"{cfg.name} → {spec.name} {chosen.precision} failed verification "
+                f"({verification['check']}): {'; '.join(verification['failures'])}; nothing was written"
+            )
+        manifest = _manifest(cfg, chosen, spec, result, report, weights, verification, seconds)
+        (staging / MANIFEST_NAME).write_text(_to_json(manifest))
+        step(f"writing {bundle}")
+        _place(staging, bundle)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ExportOutcome(artifact=bundle / result.path.name, bundle=bundle, manifest=manifest, seconds=seconds)
+
+
+def _verify(implementation, artifact: Path, recipe: Recipe, deploy_model: nn.Module,
+            example: torch.Tensor, reference: np.ndarray) -> dict[str, Any]:
+    notes: list[str] = []
+    try:
+        runner = implementation.load_runner(artifact, recipe.options)
+        candidate = runner(example.numpy())
+        check = get_target(recipe.target).runtime
+        compared_with = reference
+    except RuntimeUnavailable as unavailable:
+        precheck = getattr(implementation, "precheck", None)
+        if precheck is None:
+            return {"check": f"not run: {unavailable}", "passed": None}
+        result = precheck(deploy_model, example, recipe.precision)
+        check = f"{result.name} (artifact not run: {unavailable})"
+        candidate, compared_with, notes = result.candidate, result.reference, result.notes
+    figures = compare_outputs(compared_with, candidate)
+    failures = recipe.tolerances.failures(figures)
+    if not figures["finite"]:
+        failures.insert(0, "output has NaN or Inf")
+    return {"check": check, "batch": len(example), **figures, "tolerances": recipe.to_dict()["verify"],
+            "passed": not failures, "failures": failures, "notes": notes}
+
+
+def _manifest(cfg, recipe: Recipe, spec, result, report, weights, verification, seconds) -> dict[str, Any]:
+    artifact = result.path
+    dynamic_batch = bool(recipe.options.get("dynamic_batch", False))
+    return {
+        "edgevit_version": edgevit.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": cfg.name, "family": cfg.family, "config": cfg.to_dict()},
+        "checkpoint": None if report is None else {
+            "source": str(weights), "file": report.path.name, "sha256": report.sha256,
+            "key_format": report.key_format, "messages": report.messages,
+        },
+        "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
+                  "shape": ["batch" if dynamic_batch else 1, *cfg.input_size]},
+        "preprocessing": {"input_size": list(cfg.input_size), "interpolation": cfg.interpolation,
+                          "crop_pct": cfg.crop_pct, "mean": list(cfg.mean), "std": list(cfg.std)},
+        "output": {"kind": "logits", "num_classes": cfg.num_classes, "labels": cfg.labels},
+        "target": spec.name,
+        "runtime": spec.runtime,
+        "precision": recipe.precision,
+        "recipe": recipe.to_dict() | {"source": recipe.source},
+        "quantization": None,
+        "artifact": {"file": artifact.name, "bytes": _size(artifact), "sha256": _sha256(artifact)},
+        "target_details": result.details,
+        "tools": _tool_versions(spec.requires),
+        "verification": verification,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def _tool_versions(modules: tuple[str, ...]) -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in modules:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=_PARTIAL_PREFIX):
+            pass
+    except OSError as exc:
+        raise EdgevitError(f"cannot write to output directory {path}: {exc.strerror or exc}; choose another --out") from None
+    return path
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Staging folders of exports that were killed; a live process's folder is left alone."""
+    for partial in out_dir.glob(f"{_PARTIAL_PREFIX}*"):
+        pid = partial.name[len(_PARTIAL_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _place(staging: Path, bundle: Path) -> None:
+    """Move the verified staging folder to ``bundle`` with renames only (same filesystem)."""
+    if bundle.exists():
+        retired = bundle.with_name(f"{_PARTIAL_PREFIX}{os.getpid()}-old-{bundle.name}")
+        os.replace(bundle, retired)
+        os.replace(staging, bundle)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, bundle)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a bundle folder's files in path order (Core ML packages)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_json(data: Any) -> str:
+    import json
+
+    return json.dumps(data, indent=2, default=str) + "\n"

@@ -1,0 +1,1 @@
+"""Latency measurement: the timing protocol (the device profiler builds on it)."""
