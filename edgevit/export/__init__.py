@@ -31,7 +31,8 @@ _TARGET_LIST = (
         extra="executorch",
         requires=("executorch",),
         options=(
-            OptionSpec("backend", "xnnpack", "Delegate backend.", ("xnnpack", "coreml")),
+            OptionSpec("backend", "xnnpack", "Delegate backend: xnnpack (any CPU), or coreml (Apple; lowers "
+                       "anywhere, runs on macOS/iOS only).", ("xnnpack", "coreml")),
         ),
     ),
     TargetSpec(

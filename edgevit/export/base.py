@@ -4,7 +4,8 @@ verification figures, and the runtime-unavailable signal.
 A target module (``edgevit/export/<name>.py``) provides two functions:
 
 - ``export(model, example, precision, options, out_dir) -> ExportResult``: write the artifact
-  into ``out_dir`` (a private temporary folder) and say what it wrote;
+  into ``out_dir`` (a private temporary folder) and say what it wrote (``details["input"]``, if
+  given, replaces the manifest's default float32 NCHW tensor input spec);
 - ``load_runner(artifact_path, options) -> Runner``: the target's real runtime, as a callable
   from a float32 NCHW numpy batch to float32 logits; raises :class:`RuntimeUnavailable` where
   that runtime cannot run here (Core ML off macOS), and may then offer
@@ -95,3 +96,4 @@ class PrecheckResult:
     reference: np.ndarray  # fp32 output
     candidate: np.ndarray  # output computed the way the runtime would (e.g. float16)
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # risks that must fail verification

@@ -50,10 +50,11 @@ class ExportOutcome:
 
 
 def verification_batch(cfg, batch: int, seed: int = 0) -> torch.Tensor:
-    """A fixed batch with the statistics of real preprocessed images: uniform pixels in [0, 1]
+    """A fixed batch with the statistics of real preprocessed images: uniform 8-bit pixels
     normalised with the model's own mean/std (so e.g. MobileViT v2 sees [0, 1] inputs)."""
     generator = torch.Generator().manual_seed(seed)
-    pixels = torch.rand(batch, *cfg.input_size, generator=generator)
+    # 8-bit pixel levels, as decoded images have, so image-input artifacts see the same values.
+    pixels = torch.randint(0, 256, (batch, *cfg.input_size), generator=generator) / 255.0
     mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std).view(1, -1, 1, 1)
     return (pixels - mean) / std
@@ -96,12 +97,13 @@ def export_model(
     step = progress or (lambda _message: None)
     cfg = get_model_cfg(model)  # unknown names fail before any slow work
     chosen = resolve_recipe(recipe, target, precision)
+    overridden = {k: v for k, v in (options or {}).items() if chosen.options.get(k) != v}
     if options or tolerances:
         chosen = chosen.with_changes(options=options, tolerances=tolerances)
     spec = get_target(chosen.target)
     implementation = spec.implementation()  # missing backend → names the extra to install
     out_dir = _writable_dir(Path(out_dir))
-    bundle = out_dir / f"{cfg.name}-{chosen.name}"
+    bundle = out_dir / _bundle_name(cfg.name, chosen.name, overridden)
     seconds: dict[str, float] = {}
 
     clock = time.perf_counter()
@@ -161,8 +163,11 @@ def _verify(implementation, artifact: Path, recipe: Recipe, deploy_model: nn.Mod
         result = precheck(deploy_model, example, recipe.precision)
         check = f"{result.name} (artifact not run: {unavailable})"
         candidate, compared_with, notes = result.candidate, result.reference, result.notes
+        precheck_failures = result.failures
+    else:
+        precheck_failures = []
     figures = compare_outputs(compared_with, candidate)
-    failures = recipe.tolerances.failures(figures)
+    failures = recipe.tolerances.failures(figures) + precheck_failures
     if not figures["finite"]:
         failures.insert(0, "output has NaN or Inf")
     return {"check": check, "batch": len(example), **figures, "tolerances": recipe.to_dict()["verify"],
@@ -180,8 +185,9 @@ def _manifest(cfg, recipe: Recipe, spec, result, report, weights, verification, 
             "source": str(weights), "file": report.path.name, "sha256": report.sha256,
             "key_format": report.key_format, "messages": report.messages,
         },
-        "input": {"name": "input", "layout": "NCHW", "dtype": "float32",
-                  "shape": ["batch" if dynamic_batch else 1, *cfg.input_size]},
+        "input": result.details.pop("input", None) or {
+            "name": "input", "layout": "NCHW", "dtype": "float32",
+            "shape": ["batch" if dynamic_batch else 1, *cfg.input_size]},
         "preprocessing": {"input_size": list(cfg.input_size), "interpolation": cfg.interpolation,
                           "crop_pct": cfg.crop_pct, "mean": list(cfg.mean), "std": list(cfg.std)},
         "output": {"kind": "logits", "num_classes": cfg.num_classes, "labels": cfg.labels},
@@ -206,6 +212,13 @@ def _tool_versions(modules: tuple[str, ...]) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
+
+
+def _bundle_name(model: str, recipe: str, overridden: dict[str, Any]) -> str:
+    """``model-recipe``, plus the options changed on the command line, so that e.g.
+    ``--image-input`` does not overwrite the bundle of the plain recipe."""
+    suffix = "".join(f"+{k}" if v is True else f"+{k}={v}" for k, v in sorted(overridden.items()))
+    return f"{model}-{recipe}{suffix}".replace("/", "_")
 
 
 def _writable_dir(path: Path) -> Path:

@@ -100,11 +100,14 @@ def test_killed_export_leaves_nothing_and_is_cleaned_up_later(tmp_path):
     assert _leftovers(out) == ["levit_128s-onnx-fp32"]
 
 
-def test_reexport_replaces_the_bundle(tmp_path):
+def test_reexport_replaces_the_bundle_and_overrides_get_their_own(tmp_path):
     first = export_model("levit_128s", "onnx", out_dir=tmp_path)
-    second = export_model("levit_128s", "onnx", out_dir=tmp_path, options={"dynamic_batch": True})
-    assert first.bundle == second.bundle and _leftovers(tmp_path) == [first.bundle.name]
-    assert json.loads((second.bundle / MANIFEST_NAME).read_text())["input"]["shape"][0] == "batch"
+    again = export_model("levit_128s", "onnx", out_dir=tmp_path)
+    assert first.bundle == again.bundle and _leftovers(tmp_path) == [first.bundle.name]
+    dynamic = export_model("levit_128s", "onnx", out_dir=tmp_path, options={"dynamic_batch": True})
+    assert dynamic.bundle.name == "levit_128s-onnx-fp32+dynamic_batch"
+    assert json.loads((dynamic.bundle / MANIFEST_NAME).read_text())["input"]["shape"][0] == "batch"
+    assert _leftovers(tmp_path) == sorted([first.bundle.name, dynamic.bundle.name])
 
 
 def test_missing_backend_names_the_extra(monkeypatch, tmp_path):

@@ -1,0 +1,623 @@
+"""Core ML target: ``torch.export`` → coremltools ML program (``.mlpackage``).
+
+The artifact runs in Core ML, which exists only on Apple systems: there ``load_runner`` calls
+``MLModel.predict``. Elsewhere it raises :class:`RuntimeUnavailable` and the pipeline falls back
+to :func:`precheck`, a float16 numerics check of the deploy model in PyTorch (Core ML's fp16
+compute overflows silently where float32 does not: QKᵀ, softmax inputs, LayerNorm statistics).
+
+With ``image_input`` the model takes an RGB image with pixel values 0–255. Core ML's
+``ImageType`` applies ``scale * pixel + bias[c]`` with one scalar scale, while the ImageNet
+normalisation ``(pixel / 255 − mean[c]) / std[c]`` divides by a per-channel std. We fold the
+exact part that fits — ``scale = 1/255``, ``bias[c] = −mean[c]`` — into the ImageType and put the
+per-channel ``1/std[c]`` in the model as one multiply in front of it (left out when std is 1).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import logging
+import math
+import platform
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+import edgevit
+from edgevit.errors import EdgevitError
+from edgevit.export.base import ExportResult, PrecheckResult, Runner, RuntimeUnavailable
+from edgevit.export.onnx import _quiet
+
+INPUT_NAME, IMAGE_INPUT_NAME, OUTPUT_NAME = "input", "image", "logits"
+CLASS_LABEL_NAME = "classLabel"
+FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
+FP16_TINY = float(torch.finfo(torch.float16).tiny)  # smallest normal float16, 6.1e-5
+PIXEL_SCALE = 1.0 / 255.0
+METADATA_PREFIX = "edgevit."
+
+# The exported program each model was converted from, for the float32 pre-check (the pipeline
+# hands the same deploy model to export() and then to precheck()).
+_EXPORTED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.export.ExportedProgram, torch.Tensor | None]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+# ---------------------------------------------------------------------------------------- export
+
+def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path) -> ExportResult:
+    cfg = model.cfg
+    labels = _read_labels(options["labels_file"], cfg.num_classes)
+    ct = _coremltools()
+    image_input = bool(options["image_input"])
+    inv_std = _inverse_std(cfg.std) if image_input else None
+    module = _DivideByStd(model, inv_std) if inv_std is not None else model
+    # The program sees what the ImageType hands over, pixel/255 − mean, i.e. example · std.
+    sample = example * torch.tensor(cfg.std).view(1, -1, 1, 1) if image_input else example
+
+    with _quiet(), _quiet_coremltools():
+        program = torch.export.export(module, (sample,)).run_decompositions({})
+        if image_input:
+            scale, bias = image_scale_bias(cfg.mean)
+            inputs = [ct.ImageType(name=IMAGE_INPUT_NAME, shape=tuple(sample.shape), scale=scale, bias=bias,
+                                   color_layout=ct.colorlayout.RGB)]
+        else:
+            inputs = [ct.TensorType(name=INPUT_NAME, shape=tuple(sample.shape), dtype=np.float32)]
+        mlmodel = ct.convert(
+            program,
+            inputs=inputs,
+            outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
+            classifier_config=ct.ClassifierConfig(labels, predicted_feature_name=CLASS_LABEL_NAME) if labels else None,
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+            minimum_deployment_target=getattr(ct.target, options["deployment_target"]),
+            # Loading compiles the model with the Core ML framework, which exists only on Apple
+            # systems; load_runner loads the saved package there instead.
+            skip_model_load=True,
+        )
+    if precision == "fp32":
+        _EXPORTED[model] = (program, torch.tensor(cfg.std).view(1, -1, 1, 1) if image_input else None)
+
+    _describe(mlmodel, cfg, precision, image_input, labels)
+    path = out_dir / f"{cfg.name}.mlpackage"
+    with _quiet_coremltools():
+        mlmodel.save(str(path))
+
+    spec = mlmodel.get_spec()
+    details: dict[str, Any] = {
+        "source": "torch.export + run_decompositions({}) → coremltools ML program",
+        "deployment_target": options["deployment_target"],
+        "compute_precision": precision,
+        "specification_version": spec.specificationVersion,
+        "compiled": False,  # Core ML compiles the package when it is first loaded on a device
+    }
+    details.update(program_facts(spec))
+    if image_input:
+        scale, bias = image_scale_bias(cfg.mean)
+        details["input"] = {"name": IMAGE_INPUT_NAME, "kind": "image", "color": "RGB", "pixel_range": [0, 255],
+                            "shape": list(sample.shape)}
+        details["image_preprocessing"] = {
+            "pixels": "RGB, 0-255", "scale": scale, "bias": bias,
+            "in_model_multiply": None if inv_std is None else inv_std.flatten().tolist(),
+            "formula": "(scale * pixel + bias[c]) * in_model_multiply[c] = (pixel/255 - mean[c]) / std[c]",
+        }
+    if labels:
+        details["labels"] = {"embedded": True, "count": len(labels), "source": Path(options["labels_file"]).name,
+                             "note": f"{CLASS_LABEL_NAME}_probs holds the logits (no softmax)"}
+    else:
+        details["labels"] = {"embedded": False, "note": _labels_note(cfg.labels)}
+    return ExportResult(path, details)
+
+
+class _DivideByStd(nn.Module):
+    """The model behind an ImageType that already applied 1/255 and −mean: divides by std."""
+
+    def __init__(self, model: nn.Module, inv_std: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("inv_std", inv_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.inv_std)
+
+
+def image_scale_bias(mean: tuple[float, ...]) -> tuple[float, list[float]]:
+    """ImageType's scalar scale and per-channel bias for 0–255 pixels: pixel/255 − mean."""
+    return PIXEL_SCALE, [0.0 - float(m) for m in mean]  # 0.0 - m: no -0.0 in the manifest
+
+
+def _inverse_std(std: tuple[float, ...]) -> torch.Tensor | None:
+    if all(s == 1.0 for s in std):
+        return None
+    return torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def _read_labels(labels_file: str, num_classes: int) -> list[str] | None:
+    if not labels_file:
+        return None
+    try:
+        lines = Path(labels_file).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EdgevitError(f"cannot read labels file {labels_file}: {exc.strerror or exc}; "
+                           "give a text file with one label per line") from None
+    labels = [line.strip() for line in lines]
+    while labels and not labels[-1]:
+        labels.pop()
+    if len(labels) != num_classes or not all(labels):
+        raise EdgevitError(
+            f"labels file {labels_file} has {len(labels)} lines (blank ones included) but the model has "
+            f"{num_classes} classes; give exactly one non-empty label per class, in class order"
+        )
+    if len(set(labels)) != len(labels):
+        raise EdgevitError(f"labels file {labels_file} repeats a label; Core ML classifier labels must be unique")
+    return labels
+
+
+def _labels_note(labels: str | None) -> str:
+    if labels is None:
+        return "the model has no named label set; output is logits"
+    return (f"the {labels} label names are not bundled with edgevit or its dependencies, so none were embedded; "
+            f"output is logits (give --labels-file to embed them as a Core ML classifier)")
+
+
+def _describe(mlmodel, cfg, precision: str, image_input: bool, labels: list[str] | None) -> None:
+    """Metadata Xcode shows, and what load_runner needs to feed the model correctly."""
+    mlmodel.short_description = f"{cfg.name} ({cfg.family}) image classifier, {cfg.num_classes} classes, {precision} compute"
+    _, height, width = cfg.input_size
+    if image_input:
+        mlmodel.input_description[IMAGE_INPUT_NAME] = (
+            f"RGB image {width}x{height}, pixel values 0-255 (resize the short side by 1/{cfg.crop_pct:g}, "
+            f"{cfg.interpolation}, then centre-crop); normalisation is inside the model")
+    else:
+        mlmodel.input_description[INPUT_NAME] = (
+            f"float32 NCHW 1x3x{height}x{width}: RGB in [0, 1], minus mean {list(cfg.mean)}, divided by std {list(cfg.std)}")
+    if labels:
+        mlmodel.output_description[CLASS_LABEL_NAME] = "the class with the largest logit"
+        mlmodel.output_description[f"{CLASS_LABEL_NAME}_probs"] = "logits per class (no softmax)"
+    else:
+        mlmodel.output_description[OUTPUT_NAME] = f"logits, {cfg.num_classes} classes"
+    metadata = {"model": cfg.name, "precision": precision, "mean": json.dumps(list(cfg.mean)),
+                "std": json.dumps(list(cfg.std)), "image_input": json.dumps(image_input),
+                "version": edgevit.__version__}
+    for key, value in metadata.items():
+        mlmodel.user_defined_metadata[METADATA_PREFIX + key] = str(value)
+
+
+# ------------------------------------------------------------------------ ML program inspection
+
+def program_facts(spec) -> dict[str, Any]:
+    """What the saved ML program contains: I/O, op counts, and the dtype each op computes in."""
+    from coremltools.proto import MIL_pb2
+
+    function = spec.mlProgram.functions["main"]
+    ops = list(_operations(function.block_specializations[function.opset]))
+    counts = collections.Counter(op.type for op in ops if op.type != "const")
+    compute_dtypes: collections.Counter[str] = collections.Counter()
+    weight_dtypes: collections.Counter[str] = collections.Counter()
+    float32_ops: collections.Counter[str] = collections.Counter()
+    for op in ops:
+        if not op.outputs or not op.outputs[0].type.HasField("tensorType"):
+            continue
+        tensor = op.outputs[0].type.tensorType
+        dtype = MIL_pb2.DataType.Name(tensor.dataType).lower()
+        if op.type == "const":
+            if dtype.startswith("float") and _numel(tensor) > 1:
+                weight_dtypes[dtype] += 1
+        elif dtype.startswith("float"):
+            compute_dtypes[dtype] += 1
+            if dtype == "float32" and op.type != "cast":
+                float32_ops[op.type] += 1
+    return {
+        "inputs": [_feature(f) for f in spec.description.input],
+        "outputs": [_feature(f) for f in spec.description.output],
+        "opset": function.opset,
+        "ops": sum(counts.values()),
+        "op_counts": dict(sorted(counts.items())),
+        "compute_dtypes": dict(sorted(compute_dtypes.items())),  # non-const ops by output dtype
+        "float32_compute_ops": dict(sorted(float32_ops.items())),  # casts excluded
+        "weight_dtypes": dict(sorted(weight_dtypes.items())),  # const tensors by dtype
+    }
+
+
+def _operations(block):
+    for op in block.operations:
+        yield op
+        for inner in op.blocks:
+            yield from _operations(inner)
+
+
+def _numel(tensor) -> int:
+    return math.prod(d.constant.size for d in tensor.dimensions) if tensor.dimensions else 1
+
+
+def _feature(feature) -> dict[str, Any]:
+    kind = feature.type.WhichOneof("Type")
+    described: dict[str, Any] = {"name": feature.name, "type": kind}
+    if kind == "multiArrayType":
+        array = feature.type.multiArrayType
+        described["shape"] = list(array.shape)
+        described["dtype"] = type(array).ArrayDataType.Name(array.dataType).lower()
+    elif kind == "imageType":
+        image = feature.type.imageType
+        described["shape"] = [image.height, image.width]
+        described["color_space"] = type(image).ColorSpace.Name(image.colorSpace)
+    return described
+
+
+# -------------------------------------------------------------------------------------- runtime
+
+def load_runner(path: Path, options: dict[str, Any]) -> Runner:
+    if platform.system() != "Darwin":
+        raise RuntimeUnavailable("Core ML runs only on macOS")
+    ct = _coremltools()
+    spec = ct.utils.load_spec(str(path))
+    metadata = dict(spec.description.metadata.userDefined)
+    # fp32 programs run on the CPU, so the check sees float32 arithmetic; fp16 ones on every
+    # unit, as they would in an app (the Neural Engine computes in float16 only).
+    units = ct.ComputeUnit.CPU_ONLY if metadata.get(METADATA_PREFIX + "precision") == "fp32" else ct.ComputeUnit.ALL
+    with _quiet_coremltools():
+        model = ct.models.MLModel(str(path), compute_units=units)
+    feature = spec.description.input[0]
+    is_image = feature.type.WhichOneof("Type") == "imageType"
+    mean = np.array(json.loads(metadata[METADATA_PREFIX + "mean"]), dtype=np.float32).reshape(-1, 1, 1)
+    std = np.array(json.loads(metadata[METADATA_PREFIX + "std"]), dtype=np.float32).reshape(-1, 1, 1)
+    labels = class_labels(spec)
+    if is_image:
+        try:
+            from PIL import Image  # coremltools takes image inputs as PIL images
+        except ImportError:
+            raise EdgevitError("running a Core ML model with an image input needs Pillow: pip install pillow") from None
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        outputs = []
+        for sample in batch.astype(np.float32):  # the program has a fixed batch of 1
+            if is_image:
+                # Back to the 0-255 pixels the normalised sample came from, rounded to 8 bits.
+                pixels = np.clip(np.rint((sample * std + mean) * 255.0), 0, 255).astype(np.uint8)
+                feed = {feature.name: Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))}
+            else:
+                feed = {feature.name: sample[None]}
+            prediction = model.predict(feed)
+            if labels:
+                scores = prediction[f"{CLASS_LABEL_NAME}_probs"]
+                outputs.append(np.array([scores[label] for label in labels], dtype=np.float32))
+            else:
+                outputs.append(np.asarray(prediction[OUTPUT_NAME], dtype=np.float32).reshape(-1))
+        return np.stack(outputs)
+
+    return run
+
+
+def class_labels(spec) -> list[str] | None:
+    """The labels of a classifier ML program, in class order (None for a plain logits model)."""
+    function = spec.mlProgram.functions["main"]
+    for op in _operations(function.block_specializations[function.opset]):
+        if op.type == "classify":
+            classes = op.inputs["classes"].arguments[0].value.immediateValue.list.values
+            return [value.immediateValue.tensor.strings.values[0] for value in classes]
+    return None
+
+
+# ------------------------------------------------------------------------- numerics pre-check
+
+def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> PrecheckResult:
+    """The next best check where Core ML cannot run (see the module doc).
+
+    fp16: the deploy model with float16 weights and every op's output rounded to float16 —
+    float16 storage with float32 accumulation inside ops, the best case for the Neural Engine
+    and GPU — against float32; GroupNorm, which coremltools lowers to reduce_mean, square, sqrt …,
+    runs as those float16 steps. Notes name intermediates beyond the float16 range (found on
+    every ATen op, so QKᵀ inside an attention module is seen too, and GroupNorm's square(x − mean)),
+    LayerNorm inputs whose mean square overflows float16 (a risk: Core ML's layer_norm does not
+    say how it computes), and the modules with the largest op-local error.
+
+    fp32: the decomposed torch.export program that coremltools converted, run in PyTorch,
+    against the eager deploy model; the ML program's own float32 arithmetic cannot be run here.
+    """
+    # One thread: the probes do Python work between a few thousand small ops, where a second
+    # thread gains little and, on a busy machine, stalls every op waiting for its core (measured:
+    # 0.7 s single-threaded vs 24 s with two threads for edgevit_xxs next to another job).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            if precision == "fp16":
+                return _precheck_fp16(model, example)
+            return _precheck_fp32(model, example)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _precheck_fp32(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
+    cached = _EXPORTED.get(model)
+    if cached is None:
+        with _quiet():
+            cached = (torch.export.export(model, (example[:1],)).run_decompositions({}), None)
+    program, std = cached
+    graph = program.module()
+    reference = model(example)
+    feed = example * std if std is not None else example
+    candidate = torch.cat([graph(feed[i:i + 1]) for i in range(len(feed))])
+    return PrecheckResult(
+        name="fp32 pre-check: converted torch.export program vs eager deploy model (PyTorch)",
+        reference=reference.numpy(), candidate=candidate.numpy(),
+        notes=["compares the decomposed ATen program handed to ct.convert with the eager model; "
+               "the ML program itself runs only in Core ML (macOS)"],
+    )
+
+
+def _precheck_fp16(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
+    names = _ModuleStack(model)
+    try:
+        probe = _Float32Probe(names)
+        with probe:
+            reference = model(example)
+        emulated = _float16_copy(model)
+        emulated_names = _ModuleStack(emulated)
+        try:
+            rounding = _Float16Rounding(emulated_names)
+            with rounding:
+                candidate = emulated(example.to(torch.float16).to(torch.float32))
+        finally:
+            emulated_names.remove()
+    finally:
+        names.remove()
+    notes = ["fp16 emulation in PyTorch: float16 weights, every op's output rounded to float16 (GroupNorm "
+             "step by step as coremltools lowers it), float32 accumulation inside ops (Core ML's own kernels "
+             "may accumulate in float16)"]
+    notes += probe.notes()
+    if rounding.first_non_finite:
+        notes.append(f"NaN/Inf first appears in float16 at {rounding.first_non_finite}")
+    return PrecheckResult(name="fp16 numerics pre-check (PyTorch float16 emulation)",
+                          reference=reference.numpy(), candidate=candidate.numpy(), notes=notes,
+                          failures=probe.failures())
+
+
+def _float16_copy(model: nn.Module) -> nn.Module:
+    """A copy whose float parameters and buffers hold float16-representable float32 values."""
+    import copy
+
+    emulated = copy.deepcopy(model)
+    for tensor in [*emulated.parameters(), *emulated.buffers()]:
+        if tensor.dtype == torch.float32:
+            tensor.data = tensor.data.to(torch.float16).to(torch.float32)
+    return emulated
+
+
+class _ModuleStack:
+    """The dotted name of the innermost module running, kept by hooks on every module."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stack: list[str] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            label = f"{name} ({type(module).__name__})" if name else type(module).__name__
+            self.handles.append(module.register_forward_pre_hook(lambda _m, _a, label=label: self._enter(label)))
+            self.handles.append(module.register_forward_hook(lambda _m, _a, _o: self._leave()))
+
+    def _enter(self, label: str) -> None:
+        self.stack.append(label)
+
+    def _leave(self) -> None:  # a hook that returned a value would replace the module's output
+        self.stack.pop()
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else "<top>"
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _is_float32(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float32
+
+
+def _float32_outputs(out: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    tree_map(lambda v: found.append(v) if _is_float32(v) and v.numel() else None, out)
+    return found
+
+
+def _to_float16_values(value: Any) -> Any:
+    return value.to(torch.float16).to(torch.float32) if _is_float32(value) else value
+
+
+def _run_as_lowered(func, args: tuple, kwargs: dict) -> Any:
+    """An ATen op, or for GroupNorm the float16 steps coremltools lowers it to."""
+    if _op_name(func) == "aten.native_group_norm":
+        return _group_norm_like_coremltools(args)
+    return func(*args, **kwargs)
+
+
+class _Float16Rounding(TorchDispatchMode):
+    """Rounds every float32 op output to float16 in place (values beyond 65504 become ±inf);
+    GroupNorm runs as the float16 steps coremltools lowers it to."""
+
+    def __init__(self, names: _ModuleStack) -> None:
+        super().__init__()
+        self.names = names
+        self.first_non_finite: str | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = _run_as_lowered(func, args, kwargs or {})
+        if getattr(func, "is_view", False):
+            return out  # shares storage with an already rounded tensor
+        for tensor in _float32_outputs(out):
+            tensor.copy_(tensor.to(torch.float16))
+            if self.first_non_finite is None and not _all_finite(tensor):
+                self.first_non_finite = f"{self.names.current} ({_op_name(func)})"
+        return out
+
+
+class _Float32Probe(TorchDispatchMode):
+    """Watches a float32 run: values beyond float16's range, norm statistics beyond it, and each
+    op's own float16 error (the op rerun on float16-rounded inputs, its output rounded)."""
+
+    def __init__(self, names: _ModuleStack) -> None:
+        super().__init__()
+        self.names = names
+        self.largest = (0.0, "")
+        self.overflows: dict[str, float] = {}
+        self.norm_risks: dict[str, float] = {}
+        self.errors: dict[str, tuple[float, str, float]] = {}  # module → (error, op, max |x|)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "is_view", False):
+            return out
+        outputs = _float32_outputs(out)
+        if not outputs:
+            return out
+        where, op = self.names.current, _op_name(func)
+        for tensor in outputs:
+            peak = _peak(tensor)
+            if peak > self.largest[0]:
+                self.largest = (peak, f"{where} ({op})")
+            if peak > FP16_MAX:
+                key = f"{where} ({op})"
+                self.overflows[key] = max(peak, self.overflows.get(key, 0.0))
+        if op == "aten.native_group_norm":
+            # coremltools lowers GroupNorm to reduce_mean/sub/square/…: an explicit float16 tensor.
+            grouped = _grouped(args)
+            square = float((grouped - grouped.mean(-1, keepdim=True)).square().max())
+            if square > FP16_MAX:
+                key = f"{where} (square(x - mean) of GroupNorm in Core ML)"
+                self.overflows[key] = max(square, self.overflows.get(key, 0.0))
+        elif op == "aten.native_layer_norm":
+            # One Core ML op whose internal precision is not documented: its statistics may be float16.
+            square = _layer_norm_mean_square(args)
+            if square > FP16_MAX:
+                self.norm_risks[f"{where} ({op})"] = square
+        if any(_is_float32(a) for a in (*args, *kwargs.values())) and not op.endswith("_"):
+            rerun = _run_as_lowered(func, tree_map(_to_float16_values, args), tree_map(_to_float16_values, kwargs))
+            reran = _float32_outputs(rerun)
+            if len(reran) == len(outputs):
+                error = max(_relative_error(r.to(torch.float16).to(torch.float32), o) for r, o in zip(reran, outputs))
+                if error > self.errors.get(where, (-1.0, "", 0.0))[0]:
+                    self.errors[where] = (error, op, max(_peak(o) for o in outputs))
+        return out
+
+    def failures(self) -> list[str]:
+        """Definite float16 overflows fail verification even where the outputs survive them."""
+        if not self.overflows:
+            return []
+        worst = max(self.overflows.items(), key=lambda kv: kv[1])
+        return [f"{len(self.overflows)} intermediate(s) overflow float16, worst {worst[0]} at {worst[1]:.3g}"]
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.overflows:
+            worst = sorted(self.overflows.items(), key=lambda kv: -kv[1])
+            listed = "; ".join(f"{name} max |x| {peak:.3g}" for name, peak in worst[:5])
+            notes.append(f"OVERFLOW: {len(worst)} intermediate(s) beyond the float16 range ({FP16_MAX:g}): {listed}")
+        else:
+            notes.append(f"no intermediate beyond the float16 range; largest |x| {self.largest[0]:.3g} at {self.largest[1]}")
+        if self.norm_risks:
+            worst = sorted(self.norm_risks.items(), key=lambda kv: -kv[1])
+            listed = "; ".join(f"{name} mean square {value:.3g}" for name, value in worst[:5])
+            notes.append(f"OVERFLOW RISK: normalisation statistics beyond float16 if computed in float16: {listed}")
+        ranked = sorted(self.errors.items(), key=lambda kv: -kv[1][0])
+        normal = [(name, error, op) for name, (error, op, peak) in ranked if peak >= FP16_TINY]
+        tiny = [(name, error, op) for name, (error, op, peak) in ranked if peak < FP16_TINY]
+        if normal:
+            listed = "; ".join(f"{name} {op} {error:.2e}" for name, error, op in normal[:5])
+            notes.append(f"largest op-local float16 relative error by module (top 5): {listed}")
+        if tiny:
+            listed = "; ".join(f"{name} {op} {error:.2e}" for name, error, op in tiny[:3])
+            notes.append(f"float16 underflow: {len(tiny)} module(s) whose values all lie below {FP16_TINY:.2g} "
+                         f"(subnormal or zero in float16), largest errors: {listed}")
+        return notes
+
+
+def _op_name(func) -> str:
+    return str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+
+
+def _relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    if not _all_finite(candidate):
+        return math.inf
+    return float(torch.linalg.vector_norm(candidate - reference)) / max(float(torch.linalg.vector_norm(reference)), 1e-30)
+
+
+def _peak(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor, ord=math.inf))
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # One reduction instead of isfinite().all(): a sum of float16-range values cannot overflow
+    # float32, so it is finite exactly when every element is.
+    return bool(torch.isfinite(tensor.sum()))
+
+
+def _layer_norm_mean_square(args: tuple) -> float:
+    """native_layer_norm(input, normalized_shape, …): the largest mean of x² over a normalised row,
+    what a float16 variance computed as E[x²] − E[x]² overflows on."""
+    x = args[0].double()
+    return float(x.reshape(-1, math.prod(args[1])).square().mean(-1).max())
+
+
+def _grouped(args: tuple) -> torch.Tensor:
+    """native_group_norm(input, weight, bias, N, C, HxW, group, eps): input as (N, group, -1)."""
+    return args[0].reshape(args[3], args[6], -1)
+
+
+def _group_norm_like_coremltools(args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm as coremltools lowers it (reduce_mean, sub, square, reduce_mean, add, sqrt,
+    real_div, mul, add), each result rounded to float16; returns native_group_norm's outputs."""
+    x, weight, bias, n, channels, _, groups, eps = args
+
+    def fp16(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float16).to(torch.float32)
+
+    grouped = _grouped(args)
+    mean = fp16(grouped.mean(-1, keepdim=True))
+    centred = fp16(grouped - mean)
+    std = fp16(torch.sqrt(fp16(fp16(fp16(centred.square()).mean(-1, keepdim=True)) + eps)))
+    out = fp16(centred / std).reshape(x.shape)
+    affine = (1, channels) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        out = fp16(out * weight.reshape(affine))
+    if bias is not None:
+        out = fp16(out + bias.reshape(affine))
+    return out, mean.reshape(n, groups), fp16(1.0 / std).reshape(n, groups)
+
+
+# --------------------------------------------------------------------------------------- quiet
+
+_COREMLTOOLS = None
+
+
+def _coremltools():
+    """coremltools, imported once without its import-time warnings (missing macOS-only parts,
+    untested torch/scikit-learn versions)."""
+    global _COREMLTOOLS
+    if _COREMLTOOLS is None:
+        with _quiet(), _quiet_coremltools():
+            import coremltools
+
+        _COREMLTOOLS = coremltools
+    return _COREMLTOOLS
+
+
+@contextlib.contextmanager
+def _quiet_coremltools():
+    """coremltools' logger warnings and tqdm progress bars (stderr); errors still propagate."""
+    loggers = [logging.getLogger(n) for n in ("coremltools", "torch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
