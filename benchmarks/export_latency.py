@@ -22,8 +22,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from edgevit.export.base import RuntimeUnavailable
-from edgevit.export.onnx import _quiet, session
+from edgevit.export.base import RuntimeUnavailable, quiet
+from edgevit.export.onnx import session
 from edgevit.export.pipeline import export_model, verification_batch
 from edgevit.models import create_model
 from edgevit.profile.timing import measure, thread_settings
@@ -36,7 +36,7 @@ def stock_onnx(name: str, directory: Path) -> Path:
     """What a user gets from torch.onnx.export of the eval model with torch's defaults."""
     model = create_model(name)
     path = directory / f"{name}-stock.onnx"
-    with _quiet():
+    with quiet():
         torch.onnx.export(model, (torch.randn(1, *model.cfg.input_size),), str(path))
     return path
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgevit.errors import EdgevitError
+from edgevit.profile.cli import profile_group
 
 console = Console()
 
@@ -147,7 +148,7 @@ def _export_command() -> click.Command:
         from edgevit.export.recipes import resolve_recipe
 
         given = {name: value for name, value in target_options.items() if value is not None}
-        chosen_target = resolve_recipe(recipe, target, precision).target
+        chosen_target = resolve_recipe(recipe, target, precision, given).target
         spec = TARGETS[chosen_target]
         for name in given:
             if spec.option(name) is None:
@@ -203,6 +204,7 @@ def _export_summary(outcome) -> str:
 
 
 app.add_command(_export_command())
+app.add_command(profile_group)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,12 +15,16 @@ Verification, the manifest and atomic placement are done once, by the pipeline.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -97,3 +101,26 @@ class PrecheckResult:
     candidate: np.ndarray  # output computed the way the runtime would (e.g. float16)
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # risks that must fail verification
+
+
+# Libraries that narrate exports on stdout/stderr and through their loggers (step banners,
+# progress bars, notes about optional kernels); the pipeline reports what matters instead.
+_CHATTY_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch.utils._pytree", "onnxscript", "onnx_ir",
+                   "executorch", "coremltools", "torchao")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Python-level warnings, prints and the export libraries' loggers (errors still raise)."""
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

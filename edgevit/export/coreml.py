@@ -14,10 +14,7 @@ per-channel ``1/std[c]`` in the model as one multiply in front of it (left out w
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import json
-import logging
 import math
 import platform
 import weakref
@@ -32,8 +29,7 @@ from torch.utils._pytree import tree_map
 
 import edgevit
 from edgevit.errors import EdgevitError
-from edgevit.export.base import ExportResult, PrecheckResult, Runner, RuntimeUnavailable
-from edgevit.export.onnx import _quiet
+from edgevit.export.base import ExportResult, PrecheckResult, Runner, RuntimeUnavailable, quiet
 
 INPUT_NAME, IMAGE_INPUT_NAME, OUTPUT_NAME = "input", "image", "logits"
 CLASS_LABEL_NAME = "classLabel"
@@ -61,7 +57,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
     # The program sees what the ImageType hands over, pixel/255 − mean, i.e. example · std.
     sample = example * torch.tensor(cfg.std).view(1, -1, 1, 1) if image_input else example
 
-    with _quiet(), _quiet_coremltools():
+    with quiet():
         program = torch.export.export(module, (sample,)).run_decompositions({})
         if image_input:
             scale, bias = image_scale_bias(cfg.mean)
@@ -86,7 +82,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
 
     _describe(mlmodel, cfg, precision, image_input, labels)
     path = out_dir / f"{cfg.name}.mlpackage"
-    with _quiet_coremltools():
+    with quiet():
         mlmodel.save(str(path))
 
     spec = mlmodel.get_spec()
@@ -261,7 +257,7 @@ def load_runner(path: Path, options: dict[str, Any]) -> Runner:
     # fp32 programs run on the CPU, so the check sees float32 arithmetic; fp16 ones on every
     # unit, as they would in an app (the Neural Engine computes in float16 only).
     units = ct.ComputeUnit.CPU_ONLY if metadata.get(METADATA_PREFIX + "precision") == "fp32" else ct.ComputeUnit.ALL
-    with _quiet_coremltools():
+    with quiet():
         model = ct.models.MLModel(str(path), compute_units=units)
     feature = spec.description.input[0]
     is_image = feature.type.WhichOneof("Type") == "imageType"
@@ -337,7 +333,7 @@ def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> Prechec
 def _precheck_fp32(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
     cached = _EXPORTED.get(model)
     if cached is None:
-        with _quiet():
+        with quiet():
             cached = (torch.export.export(model, (example[:1],)).run_decompositions({}), None)
     program, std = cached
     graph = program.module()
@@ -601,23 +597,10 @@ def _coremltools():
     untested torch/scikit-learn versions)."""
     global _COREMLTOOLS
     if _COREMLTOOLS is None:
-        with _quiet(), _quiet_coremltools():
+        with quiet():
             import coremltools
 
         _COREMLTOOLS = coremltools
     return _COREMLTOOLS
 
 
-@contextlib.contextmanager
-def _quiet_coremltools():
-    """coremltools' logger warnings and tqdm progress bars (stderr); errors still propagate."""
-    loggers = [logging.getLogger(n) for n in ("coremltools", "torch")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +10,7 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgevitError
-from edgevit.export.base import ExportResult, Runner
+from edgevit.export.base import ExportResult, Runner, quiet
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MIN_OPSET = 17
@@ -51,7 +47,7 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, options: 
     common = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=options["opset"])
     # The exporters narrate every step and warn about optional ops (torchvision's); what matters
     # to the user is reported by the pipeline instead.
-    with _quiet():
+    with quiet():
         if options["exporter"] == "dynamo":
             shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
             program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=shapes,
@@ -66,14 +62,14 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, options: 
 def _simplify(graph):
     import onnxslim
 
-    with _quiet():
+    with quiet():
         return onnxslim.slim(graph)
 
 
 def _to_float16(graph, keep_io_float32: bool):
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    with _quiet():
+    with quiet():
         converted = convert_float_to_float16(graph, keep_io_types=keep_io_float32, op_block_list=list(FP16_KEEP_FLOAT32))
     _repair_node_order(converted.graph)
     return converted
@@ -104,21 +100,6 @@ def _repair_node_order(graph) -> None:
         pending = [n for n in pending if id(n) not in ready_ids]
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-@contextlib.contextmanager
-def _quiet():
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def session(path: Path, threads: int | None = None, providers: list[str] | None = None):

@@ -96,7 +96,7 @@ def export_model(
     """Export a registered model to a verified artifact with a manifest; see the module doc."""
     step = progress or (lambda _message: None)
     cfg = get_model_cfg(model)  # unknown names fail before any slow work
-    chosen = resolve_recipe(recipe, target, precision)
+    chosen = resolve_recipe(recipe, target, precision, options)
     overridden = {k: v for k, v in (options or {}).items() if chosen.options.get(k) != v}
     if options or tolerances:
         chosen = chosen.with_changes(options=options, tolerances=tolerances)

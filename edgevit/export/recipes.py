@@ -16,30 +16,16 @@ A recipe file::
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgevit.datafiles import data_dir, read_toml
 from edgevit.errors import EdgevitError
 from edgevit.export import get_target
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 _TOLERANCE_KEYS = ("max_rel_error", "min_cosine", "min_top1_agreement")
 _TOP_KEYS = {"name", "target", "precision", "default", "description", "options", "verify"}
-
-
-def data_dir(kind: str) -> Path:
-    """A data folder of the repo (``export``, ``profiles``), also when installed as a wheel."""
-    package_root = Path(__file__).resolve().parents[1]
-    for candidate in (package_root / "_data" / kind, package_root.parent / kind):
-        if candidate.is_dir():
-            return candidate
-    raise EdgevitError(f"edgevit's {kind}/ folder is missing from this installation; reinstall edgevit")
 
 
 @dataclass(frozen=True)
@@ -130,14 +116,7 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise EdgevitError(f"recipe file not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise EdgevitError(f"recipe {path} is not valid TOML: {exc}") from None
-    return parse_recipe(data, source=str(path))
+    return parse_recipe(read_toml(path, "recipe file"), source=str(path))
 
 
 def presets() -> dict[str, Recipe]:
@@ -149,8 +128,11 @@ def presets() -> dict[str, Recipe]:
     return found
 
 
-def resolve_recipe(recipe: str | None, target: str | None, precision: str | None) -> Recipe:
-    """The recipe to use: a preset name or file if given, else the target's default preset."""
+def resolve_recipe(recipe: str | None, target: str | None, precision: str | None,
+                   options: dict[str, Any] | None = None) -> Recipe:
+    """The recipe to use: a preset name or file if given; else, for the target and precision,
+    the preset whose options match all of ``options`` (``--backend coreml`` finds
+    ``executorch-coreml-fp32``), falling back to the default preset."""
     if recipe:
         shipped = presets()
         chosen = shipped.get(recipe) or (load_recipe_file(recipe) if Path(recipe).suffix == ".toml" or Path(recipe).exists() else None)
@@ -165,7 +147,12 @@ def resolve_recipe(recipe: str | None, target: str | None, precision: str | None
         raise EdgevitError(
             f"target {spec.name} has no precision {precision!r} (it offers {', '.join(spec.precisions)})"
         )
-    for candidate in presets().values():
-        if candidate.target == spec.name and candidate.precision == precision and candidate.default:
+    fitting = [c for c in presets().values() if c.target == spec.name and c.precision == precision]
+    if options:
+        matching = [c for c in fitting if all(c.options.get(k) == v for k, v in options.items())]
+        if matching:
+            return min(matching, key=lambda c: not c.default)
+    for candidate in fitting:
+        if candidate.default:
             return candidate
     raise EdgevitError(f"no default recipe for {spec.name} {precision} in {data_dir('export')}")

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from edgevit.errors import CheckpointError, EdgevitError
-from edgevit.models.layers import drop_path_layer, fuse_bn_conv, fuse_bn_linear, fuse_conv_bn
+from edgevit.models.layers import (
+    batched_matmul,
+    drop_path_layer,
+    fuse_bn_conv,
+    fuse_bn_linear,
+    fuse_conv_bn,
+)
 from edgevit.models.registry import Family, ModelCfg, PaperFigures, register_family, register_model
 
 __all__ = ["EdgeViT", "LGLBlock", "LocalAgg", "SelfAttn", "GlobalSparseAttn"]
@@ -125,10 +131,15 @@ class GlobalSparseAttn(nn.Module):
             height, width = grid.shape[2:]
             x = grid.flatten(2).transpose(1, 2)
         tokens = x.shape[1]
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        # Slices instead of unbind and bmm instead of 4-D ``@``: XNNPACK takes neither the
+        # squeeze of an unbind nor the expand of a 4-D matmul. Same arithmetic, same result.
+        qkv = self.qkv(x)
+        q = qkv[..., :dim].reshape(batch, tokens, heads, head_dim).permute(0, 2, 1, 3)
+        k = qkv[..., dim : 2 * dim].reshape(batch, tokens, heads, head_dim).permute(0, 2, 3, 1)
+        v = qkv[..., 2 * dim :].reshape(batch, tokens, heads, head_dim).permute(0, 2, 1, 3)
+        attn = (batched_matmul(q, k) * self.scale).softmax(dim=-1)
+        x = batched_matmul(attn, v).transpose(1, 2).reshape(batch, tokens, dim)
         if self.sr > 1:
             x = self.LocalProp(x.transpose(1, 2).reshape(batch, dim, height, width))
             x = self.norm(x.flatten(2).transpose(1, 2))
@@ -253,7 +264,8 @@ class EdgeViT(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
+        # keepdim + flatten: the global average pool is the only mean XNNPACK takes.
+        x = x.mean((2, 3), keepdim=True).flatten(1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

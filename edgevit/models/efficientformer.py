@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from edgevit.errors import CheckpointError, EdgevitError
-from edgevit.models.layers import attention_bias_index, drop_path_layer, fuse_conv_bn, merge_heads
+from edgevit.models.layers import (
+    attention_bias_index, batched_matmul, drop_path_layer, fuse_conv_bn, mean_tokens, merge_heads,
+)
 from edgevit.models.registry import Family, ModelCfg, PaperFigures, register_family, register_model
 
 __all__ = ["EfficientFormer"]
@@ -159,15 +161,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        # Per head the qkv features are laid out [q | k | v], as in the authors' code.
-        qkv = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
-        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        # Per head the qkv features are laid out [q | k | v], as in the authors' code. Slices, not
+        # split (XNNPACK does not take split_with_sizes); k comes out already transposed.
+        qkv = self.qkv(x).reshape(B, N, self.num_heads, -1)
+        kd = self.key_dim
+        q = qkv[..., :kd].permute(0, 2, 1, 3)
+        k = qkv[..., kd:2 * kd].permute(0, 2, 3, 1)
+        v = qkv[..., 2 * kd:].permute(0, 2, 1, 3)
         if self.frozen_bias is None:
             bias = self.attention_biases[:, self.attention_bias_idxs]
         else:
             bias = self.frozen_bias
-        attn = ((q @ k.transpose(-2, -1)) * self.scale + bias).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
+        # As bmm: XNNPACK does not take the expand of a 4-D matmul.
+        attn = (batched_matmul(q, k) * self.scale + bias).softmax(dim=-1)
+        x = batched_matmul(attn, v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
         return self.proj(x)
 
     @torch.no_grad()
@@ -337,7 +344,8 @@ class EfficientFormer(nn.Module):
     def forward_head(
         self, x: torch.Tensor, pre_logits: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        x = self.head_drop(x.mean(dim=1))
+        # The token mean as a 4-D global average pool (the only mean XNNPACK takes).
+        x = self.head_drop(mean_tokens(x))
         if pre_logits:
             return x
         if self.head_dist is None:  # deploy form: the two heads merged into one

@@ -6,6 +6,7 @@ what is shared here is the arithmetic, so it is written and tested once.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -135,3 +136,75 @@ def attention_bias_index(resolution: int, stride: int = 1) -> tuple[torch.Tensor
     queries = torch.stack(torch.meshgrid(axis[::stride], axis[::stride], indexing="ij")).flatten(1)
     offset = (queries[:, :, None] - keys[:, None, :]).abs()
     return offset[0] * resolution + offset[1], resolution * resolution
+
+
+def batched_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 4-D ``(B, H, M, K) @ (B, H, K, N)`` as one ``bmm`` on 3-D views.
+
+    A 4-D matmul exports as expand + bmm; XNNPACK does not take the expand, so every attention
+    matmul would cut the delegated graph. Same arithmetic, same result.
+    """
+    batch, heads, rows, inner = a.shape
+    out = torch.bmm(a.reshape(batch * heads, rows, inner), b.reshape(batch * heads, inner, b.shape[-1]))
+    return out.reshape(batch, heads, rows, b.shape[-1])
+
+
+def mean_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, N, C).mean(1)`` written as the 4-D global average pool that every backend takes."""
+    return x.transpose(1, 2).unsqueeze(-1).mean((2, 3), keepdim=True).flatten(1)
+
+
+class LayerNormAsMatmul(nn.Module):
+    """``nn.LayerNorm`` over the last dimension with both means as a matmul by a 1/C row.
+
+    For backends without a layer-norm kernel (XNNPACK): two-pass variance, so it stays as
+    accurate as the fused op where a one-pass fallback kernel would not.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        (channels,) = norm.normalized_shape
+        self.eps = norm.eps
+        self.register_buffer("mean_row", torch.full((1, channels), 1.0 / channels), persistent=False)
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - F.linear(x, self.mean_row)
+        variance = F.linear(centred * centred, self.mean_row)
+        out = centred * torch.rsqrt(variance + self.eps)
+        return out * self.weight + self.bias if self.weight is not None else out
+
+
+class GroupNorm1AsConv(nn.Module):
+    """``nn.GroupNorm(1, C)`` on NCHW with the mean over (C, H, W) as a global average pool and
+    a 1×1 convolution by 1/C (two-pass variance), for backends without a group-norm kernel."""
+
+    def __init__(self, norm: nn.GroupNorm) -> None:
+        super().__init__()
+        if norm.num_groups != 1:
+            raise ValueError("only GroupNorm with one group is a layer norm over (C, H, W)")
+        channels = norm.num_channels
+        self.eps = norm.eps
+        self.register_buffer("mean_kernel", torch.full((1, channels, 1, 1), 1.0 / channels), persistent=False)
+        self.weight = nn.Parameter(norm.weight.detach().reshape(channels, 1, 1))
+        self.bias = nn.Parameter(norm.bias.detach().reshape(channels, 1, 1))
+
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x.mean((2, 3), keepdim=True), self.mean_kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - self._mean(x)
+        return centred * torch.rsqrt(self._mean(centred * centred) + self.eps) * self.weight + self.bias
+
+
+def decompose_norms(model: nn.Module) -> nn.Module:
+    """Replace, in place, every last-dim ``LayerNorm`` and one-group ``GroupNorm`` by the forms
+    above (an export patch for XNNPACK; other runtimes are better served by their fused kernels)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1 and child.elementwise_affine:
+            setattr(model, name, LayerNormAsMatmul(child))
+        elif isinstance(child, nn.GroupNorm) and child.num_groups == 1 and child.affine:
+            setattr(model, name, GroupNorm1AsConv(child))
+        else:
+            decompose_norms(child)
+    return model

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edgevit.errors import CheckpointError, EdgevitError
 from edgevit.models import layers
@@ -110,11 +111,21 @@ class Subsample(nn.Module):
         self.use_conv = use_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_conv:
+        if self.use_conv:  # folded into the query convolution's stride by deploy()
             return x[:, :, :: self.stride, :: self.stride]
+        # x[:, ::s, ::s] on the grid, with stride-1 slices only (XNNPACK takes no strided slice):
+        # pad the side to a multiple of s (never selected), fold each group of s rows into one
+        # row and keep its first part, then the same for columns. Only selects: exact.
         batch, _, channels = x.shape
-        x = x.reshape(batch, self.resolution, self.resolution, channels)
-        return x[:, :: self.stride, :: self.stride].reshape(batch, -1, channels)
+        side, stride = self.resolution, self.stride
+        grid = x.reshape(batch, side, side, channels)
+        padded = -(-side // stride) * stride
+        if padded != side:
+            grid = F.pad(grid, (0, 0, 0, padded - side, 0, padded - side))
+        kept = padded // stride
+        rows = grid.reshape(batch, kept, stride * padded * channels)[:, :, : padded * channels]
+        cells = rows.reshape(batch, kept, kept, stride * channels)[..., :channels]
+        return cells.reshape(batch, -1, channels)
 
 
 class QuerySubsample(nn.Module):
@@ -187,23 +198,25 @@ class Attention(_BiasedAttention):
         self._init_biases(num_heads, resolution, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Matmuls as batched_matmul (bmm on 3-D views): XNNPACK does not take the expand of a 4-D @.
         kd = self.key_dim
         if self.use_conv:
             batch, _, height, width = x.shape
             qkv = self.qkv(x).reshape(batch, self.num_heads, -1, height * width)
             q, k, v = qkv[:, :, :kd], qkv[:, :, kd : 2 * kd], qkv[:, :, 2 * kd :]
-            attn = (q.transpose(-2, -1) @ k) * self.scale + self.attention_bias()
+            attn = layers.batched_matmul(q.transpose(-2, -1), k) * self.scale + self.attention_bias()
             attn = attn.softmax(dim=-1)
-            x = (v @ attn.transpose(-2, -1)).reshape(batch, self.val_attn_dim, height, width)
+            x = layers.batched_matmul(v, attn.transpose(-2, -1))
+            x = x.reshape(batch, self.val_attn_dim, height, width)
         else:
             batch, tokens, _ = x.shape
             qkv = self.qkv(x).reshape(batch, tokens, self.num_heads, -1)
             q = qkv[..., :kd].permute(0, 2, 1, 3)
             k = qkv[..., kd : 2 * kd].permute(0, 2, 3, 1)
             v = qkv[..., 2 * kd :].permute(0, 2, 1, 3)
-            attn = (q @ k) * self.scale + self.attention_bias()
+            attn = layers.batched_matmul(q, k) * self.scale + self.attention_bias()
             attn = attn.softmax(dim=-1)
-            x = (attn @ v).transpose(1, 2).reshape(batch, tokens, self.val_attn_dim)
+            x = layers.batched_matmul(attn, v).transpose(1, 2).reshape(batch, tokens, self.val_attn_dim)
         return self.proj(x)
 
 
@@ -231,25 +244,27 @@ class AttentionDownsample(_BiasedAttention):
         self._init_biases(num_heads, resolution, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Matmuls as batched_matmul (bmm on 3-D views): XNNPACK does not take the expand of a 4-D @.
         kd = self.key_dim
         if self.use_conv:
             batch, _, height, width = x.shape
             kv = self.kv(x).reshape(batch, self.num_heads, -1, height * width)
             k, v = kv[:, :, :kd], kv[:, :, kd:]
             q = self.q(x).reshape(batch, self.num_heads, kd, -1)
-            attn = (q.transpose(-2, -1) @ k) * self.scale + self.attention_bias()
+            attn = layers.batched_matmul(q.transpose(-2, -1), k) * self.scale + self.attention_bias()
             attn = attn.softmax(dim=-1)
             side = self.out_resolution
-            x = (v @ attn.transpose(-2, -1)).reshape(batch, self.val_attn_dim, side, side)
+            x = layers.batched_matmul(v, attn.transpose(-2, -1))
+            x = x.reshape(batch, self.val_attn_dim, side, side)
         else:
             batch, tokens, _ = x.shape
             kv = self.kv(x).reshape(batch, tokens, self.num_heads, -1)
             k = kv[..., :kd].permute(0, 2, 3, 1)
             v = kv[..., kd:].permute(0, 2, 1, 3)
             q = self.q(x).reshape(batch, -1, self.num_heads, kd).permute(0, 2, 1, 3)
-            attn = (q @ k) * self.scale + self.attention_bias()
+            attn = layers.batched_matmul(q, k) * self.scale + self.attention_bias()
             attn = attn.softmax(dim=-1)
-            x = (attn @ v).transpose(1, 2).reshape(batch, -1, self.val_attn_dim)
+            x = layers.batched_matmul(attn, v).transpose(1, 2).reshape(batch, -1, self.val_attn_dim)
         return self.proj(x)
 
 
@@ -386,7 +401,8 @@ class Levit(nn.Module):
         return self.stages(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(-2, -1)) if self.use_conv else x.mean(dim=1)
+        # Both means as a 4-D global average pool (the only mean XNNPACK takes).
+        x = x.mean((2, 3), keepdim=True).flatten(1) if self.use_conv else layers.mean_tokens(x)
         if pre_logits:
             return x
         if self.head_dist is None:  # deploy form: the two heads merged into one

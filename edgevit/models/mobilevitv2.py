@@ -79,7 +79,7 @@ class LinearSelfAttention(nn.Module):
 
     One query channel gives each patch a context score (softmax over the N patches); the context
     vector is the score-weighted sum of the keys, broadcast back onto ReLU(values). Cost is
-    linear in N and uses only element-wise ops and reductions, no batched matmul.
+    linear in N: the weighted sum is a matrix-vector product per pixel, no N×N attention map.
     """
 
     def __init__(self, dim: int) -> None:
@@ -92,8 +92,14 @@ class LinearSelfAttention(nn.Module):
         qkv = self.qkv_proj(x)
         # Slices rather than split(): ExecuTorch's XNNPACK delegate takes slices, not split_with_sizes.
         query, key, value = qkv[:, :1], qkv[:, 1 : 1 + self.dim], qkv[:, 1 + self.dim :]
-        scores = query.softmax(dim=-1)
-        context = (key * scores).sum(dim=-1, keepdim=True)
+        batch, channels, pixels, patches = key.shape
+        # Softmax on a 3-D view: ExecuTorch's XNNPACK softmax on a conv output (NHWC inside the
+        # delegate) normalises the wrong axis. The score-weighted sum over patches as bmm:
+        # XNNPACK has no sum. context[b, c, p] = sum_n key[b, c, p, n] * scores[b, p, n].
+        scores = query.reshape(batch * pixels, 1, patches).softmax(dim=-1)
+        keys = key.permute(0, 2, 1, 3).reshape(batch * pixels, channels, patches)
+        context = torch.bmm(keys, scores.transpose(1, 2))
+        context = context.reshape(batch, pixels, channels, 1).permute(0, 2, 1, 3)
         return self.out_proj(F.relu(value) * context)
 
 

@@ -3,7 +3,6 @@ every way input goes wrong. Targets' own tests live beside this file."""
 import dataclasses
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys

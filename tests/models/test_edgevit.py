@@ -154,3 +154,40 @@ def test_drop_path_rate_rises_linearly_over_blocks():
     blocks = sum(model.cfg.arch["depths"])
     assert rates == sorted(rates)
     assert sorted(set(rates)) == pytest.approx([0.1 * i / (blocks - 1) for i in range(1, blocks)])
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_attention_and_head_are_in_forms_every_backend_delegates(sr_ratio):
+    """Slices instead of unbind, bmm on 3-D views instead of 4-D matmuls (whose expand XNNPACK
+    does not take), and the head mean as a keepdim global average pool: the plain forms' numbers."""
+    torch.manual_seed(0)
+    attention = GlobalSparseAttn(64, num_heads=4, sr_ratio=sr_ratio).eval()
+    height = width = 4
+    x = torch.randn(2, height * width, 64)
+    with torch.no_grad():
+        tokens = x
+        if sr_ratio > 1:
+            tokens = attention.sampler(x.transpose(1, 2).reshape(2, 64, height, width)).flatten(2).transpose(1, 2)
+        count = tokens.shape[1]
+        q, k, v = attention.qkv(tokens).reshape(2, count, 3, 4, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * attention.scale).softmax(dim=-1)
+        plain = (attn @ v).transpose(1, 2).reshape(2, count, 64)
+        if sr_ratio > 1:
+            plain = attention.LocalProp(plain.transpose(1, 2).reshape(2, 64, height // 2, width // 2))
+            plain = attention.norm(plain.flatten(2).transpose(1, 2))
+        torch.testing.assert_close(attention(x, height, width), attention.proj(plain), rtol=1e-6, atol=1e-6)
+
+
+def test_exported_graph_has_no_op_xnnpack_leaves_out():
+    deployed = to_deploy(create_model(MODEL))
+    # Core ATen, as ExecuTorch lowers it (a 4-D matmul decomposes to expand + bmm there).
+    graph = torch.export.export(deployed, (torch.randn(1, 3, 224, 224),)).run_decompositions().graph
+    ops = [n for n in graph.nodes if n.op == "call_function"]
+    names = {str(n.target) for n in ops}
+    assert "aten.bmm.default" in names
+    assert not {"aten.expand.default", "aten.unbind.int", "aten.squeeze.dims", "aten.select.int"} & names
+    means = [n for n in ops if str(n.target) == "aten.mean.dim"]
+    assert means and all(list(n.args[1]) == [2, 3] and n.args[2] for n in means)
+    with torch.no_grad():
+        features = torch.randn(2, 288, 7, 7)
+        torch.testing.assert_close(deployed.forward_head(features, pre_logits=True), features.mean((2, 3)))

@@ -176,3 +176,34 @@ def test_snap_checkpoint_in_eval_deploy_and_distilled_training_forms(snap_file):
     assert isinstance(train_out, tuple) and len(train_out) == 2
     torch.testing.assert_close(train_out[0], heads[0])
     torch.testing.assert_close(train_out[1], heads[1])
+
+
+def test_attention_and_head_are_in_forms_every_backend_delegates():
+    """Slices instead of split, bmm on 3-D views instead of 4-D matmuls (whose expand XNNPACK does
+    not take), and the token mean as a 4-D global average pool: the same numbers as the plain forms."""
+    from edgevit.models.efficientformer import Attention
+
+    torch.manual_seed(0)
+    attention = Attention(64, key_dim=16, num_heads=4, resolution=3).eval()
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+        x = torch.randn(2, 9, 64)
+        qkv = attention.qkv(x).reshape(2, 9, 4, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.split([16, 16, attention.val_dim], dim=3)
+        bias = attention.attention_biases[:, attention.attention_bias_idxs]
+        attn = (q @ k.transpose(-2, -1) * attention.scale + bias).softmax(dim=-1)
+        plain = attention.proj((attn @ v).transpose(1, 2).reshape(2, 9, -1))
+        torch.testing.assert_close(attention(x), plain, rtol=1e-6, atol=1e-6)
+
+    deployed = to_deploy(create_model("efficientformer_l1"))
+    # Core ATen, as ExecuTorch lowers it (a 4-D matmul decomposes to expand + bmm there).
+    graph = torch.export.export(deployed, (torch.randn(1, 3, 224, 224),)).run_decompositions().graph
+    ops = [n for n in graph.nodes if n.op == "call_function"]
+    names = {str(n.target) for n in ops}
+    assert "aten.bmm.default" in names
+    assert not {"aten.split_with_sizes.default", "aten.expand.default", "aten.unbind.int"} & names
+    means = [n for n in ops if str(n.target) == "aten.mean.dim"]
+    assert means and all(list(n.args[1]) == [2, 3] and n.args[2] for n in means)
+    with torch.no_grad():
+        tokens = torch.randn(2, 49, 448)
+        torch.testing.assert_close(deployed.forward_head(tokens, pre_logits=True), tokens.mean(1))

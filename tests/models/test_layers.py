@@ -83,3 +83,24 @@ def test_fused_layers_keep_dtype():
     fused = layers.fuse_conv_bn(conv, bn)
     assert fused.weight.dtype == torch.float64
     torch.testing.assert_close(fused(x), bn(conv(x)))
+
+
+def test_batched_matmul_and_mean_tokens_equal_the_plain_ops():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 4, 6)
+    torch.testing.assert_close(layers.batched_matmul(a, b), a @ b)
+    tokens = torch.randn(2, 7, 5)
+    torch.testing.assert_close(layers.mean_tokens(tokens), tokens.mean(1))
+
+
+def test_decomposed_norms_equal_the_fused_ones_even_far_from_zero_mean():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.GroupNorm(1, 8), nn.Flatten(2), nn.LayerNorm(12))
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.5)
+        model[2].bias.normal_()
+    x = 100 + torch.randn(2, 8, 3, 4)  # a large mean is where one-pass variance kernels fail
+    expected = model(x)
+    layers.decompose_norms(model)
+    assert isinstance(model[0], layers.GroupNorm1AsConv) and isinstance(model[2], layers.LayerNormAsMatmul)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ from torch import nn
 from edgevit.errors import CheckpointError, EdgevitError
 from edgevit.models import create_model, to_deploy
 from edgevit.models.layers import attention_bias_index
-from edgevit.models.levit import detect_format
+from edgevit.models.levit import Subsample, detect_format
 from tests.reference_data import (
     load_reference,
     max_relative_error,
@@ -117,3 +117,11 @@ def test_input_size_sets_the_bias_tables_and_other_sizes_are_refused():
         assert model(torch.randn(1, 3, 256, 256)).shape == (1, 1000)
         with pytest.raises(EdgevitError, match="built for 256x256 inputs, got 224x224"):
             model(torch.randn(1, 3, 224, 224))
+
+
+@pytest.mark.parametrize("side,stride", [(14, 2), (7, 2), (4, 2), (1, 2), (7, 3), (9, 3)])
+def test_token_subsample_equals_the_strided_slice(side, stride):
+    """The stride-1-slice form (for XNNPACK) keeps exactly the grid's every ``stride``-th point."""
+    x = torch.randn(2, side * side, 5)
+    expected = x.reshape(2, side, side, 5)[:, ::stride, ::stride].reshape(2, -1, 5)
+    assert torch.equal(Subsample(stride, side, use_conv=False)(x), expected)

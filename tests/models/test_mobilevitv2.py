@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from edgevit.errors import CheckpointError
 from edgevit.models import create_model, load_checkpoint, to_deploy
-from edgevit.models.mobilevitv2 import detect_format
+from edgevit.models.mobilevitv2 import LinearSelfAttention, detect_format
 from tests.reference_data import (
     REFERENCE_MODELS,
     load_reference,
@@ -125,3 +125,21 @@ def test_odd_input_size_exports_without_unfold(model_050):
     with torch.no_grad():
         assert max_relative_error(program.module()(x), expected) < 1e-5
 
+
+
+def test_linear_attention_context_is_the_weighted_sum_without_a_sum_op():
+    # The context is computed as a bmm with the softmax on a 3-D view (the forms XNNPACK takes);
+    # it must equal the paper's softmax over patches and score-weighted sum of the keys.
+    torch.manual_seed(0)
+    attn = LinearSelfAttention(32).eval()
+    x = torch.randn(2, 32, 4, 48) * 3
+    with torch.no_grad():
+        qkv = attn.qkv_proj(x)
+        query, key, value = qkv[:, :1], qkv[:, 1:33], qkv[:, 33:]
+        context = (key * query.softmax(dim=-1)).sum(dim=-1, keepdim=True)
+        expected = attn.out_proj(F.relu(value) * context)
+        assert max_relative_error(attn(x), expected) < 1e-5
+    program = torch.export.export(attn, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "aten.bmm.default" in targets
+    assert not [t for t in targets if "sum" in t or "expand" in t]

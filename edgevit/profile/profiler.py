@@ -1,0 +1,108 @@
+"""``edgevit profile``: one model on one device, every target the device runs.
+
+Artifacts come from the export pipeline (an existing bundle of the same recipe is reused); each
+is measured where the device profile says the device is (this machine, in-process or in a fresh
+process; over ssh; over adb), or estimated from its peak figures where it cannot be reached.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from edgevit.errors import EdgevitError
+from edgevit.profile import estimate, layers, remote, results, runtimes
+from edgevit.profile.profiles import DeviceProfile
+
+
+def artifact_for(model: str, target: str, precision: str, artifacts_dir: Path,
+                 progress: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
+    """The verified artifact of the target's default recipe: the existing bundle, or a new export."""
+    from edgevit.export.pipeline import MANIFEST_NAME, export_model
+    from edgevit.export.recipes import resolve_recipe
+
+    recipe = resolve_recipe(None, target, precision)
+    manifest_path = artifacts_dir / f"{model}-{recipe.name}" / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        progress(f"using {manifest_path.parent}")
+        return manifest_path.parent / manifest["artifact"]["file"], manifest
+    progress(f"exporting {model} to {target} {precision}")
+    outcome = export_model(model, target, precision, out_dir=artifacts_dir, progress=progress)
+    return outcome.artifact, outcome.manifest
+
+
+def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None = None, precision: str = "fp32",
+                  runs: int = 50, max_warmup: int = 100, threads: int | None = None, batch: int = 1,
+                  isolate: bool = True, estimate_only: bool = False, with_layers: bool = False,
+                  artifacts_dir: Path = Path("artifacts"), progress: Callable[[str], None] = lambda _: None,
+                  ) -> dict[str, Any]:
+    """Measure (or estimate) ``model`` on ``profile`` for each target; the results document."""
+    from edgevit.models import get_model_cfg
+
+    get_model_cfg(model)  # an unknown name fails before any slow work
+    targets = targets or list(profile.runtimes)
+    chosen = {target: profile.runtime_for(target) for target in targets}  # unknown target: one line
+    if with_layers and profile.method != "local":
+        raise EdgevitError("--layers profiles on this machine only (device reach 'local')")
+    document = results.new_results(profile, model, precision, batch)
+    threads = threads or profile.threads or None
+    for target, runtime in chosen.items():
+        entry: dict[str, Any] = {"target": target, "runtime": runtime}
+        if estimate_only or not profile.measurable:
+            progress(f"estimating {model} on {profile.name} ({runtime})")
+            entry |= {"status": "estimate", **estimate.estimate(model, profile, precision, batch)}
+            document["measurements"].append(entry)
+            continue
+        artifact, manifest = (None, None) if target == "torch" else artifact_for(model, target, precision, artifacts_dir, progress)
+        request = remote.Request(runtime, artifact, threads, runs, max_warmup, batch, model)
+        progress(f"measuring {model} on {profile.name} with {runtime}")
+        try:
+            measured = _measure(profile, request, isolate)
+        except runtimes.RuntimeUnavailable as unavailable:
+            entry |= {"status": "skipped", "reason": str(unavailable)}
+            document["measurements"].append(entry)
+            continue
+        fingerprint = measured.pop("fingerprint", None)
+        document["device"]["fingerprint"] = document["device"]["fingerprint"] or fingerprint
+        entry |= {"status": "measured", "isolated": isolate or profile.method != "local",
+                  "artifact": _artifact_facts(artifact, manifest), **measured}
+        entry.setdefault("peak_rss_mb", None)  # in-process: the whole process's, not the runtime's
+        if with_layers and target in ("onnx", "executorch"):
+            progress(f"per-layer profile of {model} with {runtime}")
+            entry["layers"] = _layers(model, target, artifact, threads, min(runs, 20))
+        document["measurements"].append(entry)
+    if with_layers and precision in profile.peak_flops and profile.memory_bandwidth:
+        document["layer_estimate_ms"] = estimate.estimate(model, profile, precision, batch)["layers_ms"]
+    if not any(m["status"] != "skipped" for m in document["measurements"]):
+        reasons = "; ".join(f"{m['runtime']}: {m['reason']}" for m in document["measurements"])
+        raise EdgevitError(f"nothing could be measured on {profile.name} here ({reasons}); "
+                           f"--estimate gives a roofline estimate instead")
+    return document
+
+
+def _measure(profile: DeviceProfile, request: remote.Request, isolate: bool) -> dict[str, Any]:
+    if profile.method == "ssh":
+        return remote.SshDevice(profile.reach).measure(request)
+    if profile.method == "adb":
+        return remote.AdbDevice(profile.reach).measure(request)
+    if isolate:
+        return remote.measure_in_subprocess(request)
+    return runtimes.measure_artifact(request.runtime, request.artifact, request.threads, request.runs,
+                                     request.batch, request.model, request.max_warmup)
+
+
+def _artifact_facts(artifact: Path | None, manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    if artifact is None:
+        return None
+    return {"path": str(artifact), "sha256": manifest["artifact"]["sha256"], "bytes": manifest["artifact"]["bytes"],
+            "recipe": manifest["recipe"]["name"], "verified": manifest["verification"].get("passed")}
+
+
+def _layers(model: str, target: str, artifact: Path, threads: int | None, runs: int) -> dict[str, Any]:
+    from edgevit.models import create_model, to_deploy
+
+    if target == "onnx":
+        names = {name for name, _ in to_deploy(create_model(model)).named_modules() if name}
+        return layers.onnxruntime_layers(artifact, threads, runs, names)
+    return layers.executorch_layers(artifact, threads, runs)

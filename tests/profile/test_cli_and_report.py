@@ -1,0 +1,116 @@
+"""`edgevit profile` end to end: real measurements, results files, reports; bad input as one line."""
+import json
+
+import pytest
+
+from tests.profile.conftest import FAST
+
+
+def assert_one_line_error(code, err, *fragments):
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("edgevit: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def two_runs(artifacts_dir, tmp_path_factory):
+    """host-cpu over onnxruntime at 1 and at 2 threads: two real results files."""
+    from edgevit.cli import app, main
+    from edgevit.profile.cli import profile_group
+
+    if "profile" not in app.commands:
+        app.add_command(profile_group)
+    out = tmp_path_factory.mktemp("results")
+    paths = []
+    for threads in (1, 2):
+        path = out / f"levit-{threads}t.json"
+        assert main(["profile", "levit_128s", "--device", "host-cpu", "--targets", "onnx", "--threads", str(threads),
+                     "--artifacts", str(artifacts_dir), "--save", str(path), *FAST]) == 0
+        paths.append(path)
+    return paths
+
+
+def test_results_file_holds_the_protocol(two_runs):
+    data = json.loads(two_runs[0].read_text())
+    assert data["schema"] == "edgevit-profile/1" and data["device"]["name"] == "host-cpu"
+    assert data["device"]["fingerprint"]["cpu_count"] >= 1
+    (entry,) = data["measurements"]
+    assert entry["status"] == "measured" and entry["threads"] == 1 and entry["isolated"]
+    assert entry["artifact"]["sha256"] and entry["artifact"]["verified"] is True and entry["runtime_version"]
+    for key in ("p50_ms", "p90_ms", "p99_ms", "min_ms", "load_ms", "first_call_ms", "warmup_runs", "peak_rss_mb"):
+        assert entry[key] > 0, key
+    assert len(entry["samples_ms"]) == entry["runs"] == 10
+
+
+def test_report_without_a_gpu_baseline(cli, two_runs, tmp_path):
+    md, js, png = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.png"
+    code, out, err = cli("profile", "report", *map(str, two_runs), "--markdown", str(md), "--json", str(js), "--plot", str(png))
+    assert code == 0, err
+    assert "no desktop-GPU baseline in these results" in out + md.read_text()
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["threads"] for r in rows} == {1, 2} and all(r["ratio_to_baseline"] is None for r in rows)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_marks_ratios_to_an_estimated_baseline(cli, two_runs, tmp_path):
+    gpu = tmp_path / "gpu.json"
+    code, _, err = cli("profile", "levit_128s", "--device", "desktop-gpu", "--targets", "torch", "--estimate", "--save", str(gpu))
+    assert code == 0, err
+    accuracy = tmp_path / "acc.json"
+    accuracy.write_text(json.dumps({"schema": "edgevit-accuracy/1", "results": [{"model": "levit_128s", "top1": 76.5}]}))
+    js = tmp_path / "r.json"
+    code, out, err = cli("profile", "report", str(gpu), *map(str, two_runs), "--json", str(js), "--accuracy", str(accuracy),
+                         "--plot", str(tmp_path / "r.png"))
+    assert code == 0, err
+    rows = {r["device"] + str(r["threads"]): r for r in json.loads(js.read_text())["rows"]}
+    assert rows["desktop-gpuNone"]["status"] == "estimate"
+    assert rows["host-cpu1"]["ratio_note"] == "est." and rows["host-cpu1"]["ratio_to_baseline"] > 1
+    assert rows["host-cpu1"]["top1"] == 76.5
+
+
+def test_desktop_gpu_skips_cleanly_without_cuda(cli, artifacts_dir):
+    code, _, err = cli("profile", "levit_128s", "--device", "desktop-gpu", "--artifacts", str(artifacts_dir))
+    assert_one_line_error(code, err, "nothing could be measured on desktop-gpu", "CUDA", "TensorRT", "--estimate")
+
+
+def test_bad_input_is_one_line(cli, tmp_path):
+    code, _, err = cli("profile", "levit_128s", "--device", "pixel-9")
+    assert_one_line_error(code, err, "unknown device 'pixel-9'", "host-cpu")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "mine"\nkind = "toaster"\n')
+    code, _, err = cli("profile", "levit_128s", "--profile", str(bad))
+    assert_one_line_error(code, err, "kind 'toaster' is not one of")
+    bad.write_text('name = "mine"\nkind = "sbc"\n[runtimes]\nonnx = "executorch"\n[reach]\nmethod = "local"\n')
+    code, _, err = cli("profile", "levit_128s", "--profile", str(bad))
+    assert_one_line_error(code, err, "runtime executorch runs executorch artifacts, not onnx")
+    bad.write_text("name = [")
+    code, _, err = cli("profile", "levit_128s", "--profile", str(bad))
+    assert_one_line_error(code, err, "not valid TOML")
+    code, _, err = cli("profile", "levit_128s", "--device", "host-cpu", "--targets", "coreml")
+    assert_one_line_error(code, err, "device host-cpu runs no 'coreml' target")
+    code, _, err = cli("profile", "report", str(tmp_path / "missing.json"))
+    assert_one_line_error(code, err, "results file not found")
+
+
+def test_unreachable_ssh_device_is_one_line(cli, artifacts_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mine = tmp_path / "pi.toml"
+    mine.write_text(f'name = "my-pi"\nkind = "sbc"\n[runtimes]\nonnx = "onnxruntime"\n'
+                    f'[reach]\nmethod = "ssh"\nhost = "127.0.0.1"\nport = {port}\nconnect_timeout = 3\n')
+    code, _, err = cli("profile", "levit_128s", "--profile", str(mine), "--artifacts", str(artifacts_dir))
+    assert_one_line_error(code, err, "cannot reach 127.0.0.1 over ssh")
+
+
+def test_every_shipped_profile_loads():
+    from edgevit.profile.profiles import resolve_profile, shipped_profiles
+
+    names = set(shipped_profiles())
+    assert {"host-cpu", "desktop-gpu", "iphone-12", "pixel-8", "jetson-orin-nano", "raspberry-pi-5"} <= names
+    for name in names:
+        profile = resolve_profile(name, None)
+        assert profile.name == name and all(f.source for f in profile.peak_flops.values())
