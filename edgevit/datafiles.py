@@ -24,21 +24,19 @@ def data_dir(kind: str) -> Path:
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
-    """``path`` parsed as TOML; ``what`` names the file in errors ("recipe", "device profile")."""
-    path = Path(path)
-    try:
-        return tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise EdgevitError(f"{what} not found: {path}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise EdgevitError(f"{what} {path} is not valid TOML: {exc}") from None
+    """``path`` parsed as TOML; ``what`` names the file in errors ("recipe file", "device profile")."""
+    return _read(path, what, tomllib.loads, tomllib.TOMLDecodeError, "valid TOML")
 
 
 def read_json(path: str | Path, what: str) -> Any:
+    return _read(path, what, json.loads, json.JSONDecodeError, "JSON")
+
+
+def _read(path: str | Path, what: str, parse, parse_error: type[Exception], kind: str) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return parse(path.read_text())
     except FileNotFoundError:
         raise EdgevitError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgevitError(f"{what} {path} is not JSON: {exc}") from None
+    except (parse_error, UnicodeDecodeError) as exc:
+        raise EdgevitError(f"{what} {path} is not {kind}: {exc}") from None

@@ -15,7 +15,7 @@ _TARGET_LIST = (
         extra="onnx",
         requires=("onnx", "onnxruntime", "onnxslim"),
         options=(
-            OptionSpec("opset", 18, "ONNX opset (>= 17)."),
+            OptionSpec("opset", 18, "ONNX opset (>= 17).", minimum=17),
             OptionSpec("dynamic_batch", False, "Leave the batch dimension free."),
             OptionSpec("exporter", "torchscript", "torch.onnx exporter.", ("torchscript", "dynamo")),
             OptionSpec("simplify", True, "Simplify the graph with onnxslim."),

@@ -33,6 +33,14 @@ from edgevit.errors import EdgevitError
 Runner = Callable[[np.ndarray], np.ndarray]
 
 
+def run_in_chunks(run_chunk: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, size: int | None) -> np.ndarray:
+    """Feed an artifact with a static batch ``size`` (None: any) one slice at a time; the outputs
+    come back as one float32 array. Shared by every target's runner."""
+    size = size or len(batch)
+    outputs = [np.asarray(run_chunk(batch[i:i + size])) for i in range(0, len(batch), size)]
+    return np.concatenate(outputs).astype(np.float32)
+
+
 class RuntimeUnavailable(Exception):
     """The target's runtime cannot run on this machine (the reason is the message)."""
 
@@ -45,6 +53,7 @@ class OptionSpec:
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
+    minimum: int | None = None
 
     @property
     def flag(self) -> str:

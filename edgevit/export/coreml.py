@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_map
 
 import edgevit
 from edgevit.errors import EdgevitError
-from edgevit.export.base import ExportResult, PrecheckResult, Runner, RuntimeUnavailable, quiet
+from edgevit.export.base import ExportResult, PrecheckResult, Runner, RuntimeUnavailable, quiet, run_in_chunks
 
 INPUT_NAME, IMAGE_INPUT_NAME, OUTPUT_NAME = "input", "image", "logits"
 CLASS_LABEL_NAME = "classLabel"
@@ -270,24 +270,21 @@ def load_runner(path: Path, options: dict[str, Any]) -> Runner:
         except ImportError:
             raise EdgevitError("running a Core ML model with an image input needs Pillow: pip install pillow") from None
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        outputs = []
-        for sample in batch.astype(np.float32):  # the program has a fixed batch of 1
-            if is_image:
-                # Back to the 0-255 pixels the normalised sample came from, rounded to 8 bits.
-                pixels = np.clip(np.rint((sample * std + mean) * 255.0), 0, 255).astype(np.uint8)
-                feed = {feature.name: Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))}
-            else:
-                feed = {feature.name: sample[None]}
-            prediction = model.predict(feed)
-            if labels:
-                scores = prediction[f"{CLASS_LABEL_NAME}_probs"]
-                outputs.append(np.array([scores[label] for label in labels], dtype=np.float32))
-            else:
-                outputs.append(np.asarray(prediction[OUTPUT_NAME], dtype=np.float32).reshape(-1))
-        return np.stack(outputs)
+    def run_one(chunk: np.ndarray) -> np.ndarray:  # the program has a fixed batch of 1
+        sample = chunk[0].astype(np.float32)
+        if is_image:
+            # Back to the 0-255 pixels the normalised sample came from, rounded to 8 bits.
+            pixels = np.clip(np.rint((sample * std + mean) * 255.0), 0, 255).astype(np.uint8)
+            feed = {feature.name: Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)))}
+        else:
+            feed = {feature.name: sample[None]}
+        prediction = model.predict(feed)
+        if labels:
+            scores = prediction[f"{CLASS_LABEL_NAME}_probs"]
+            return np.array([[scores[label] for label in labels]], dtype=np.float32)
+        return np.asarray(prediction[OUTPUT_NAME], dtype=np.float32).reshape(1, -1)
 
-    return run
+    return lambda batch: run_in_chunks(run_one, batch, 1)
 
 
 def class_labels(spec) -> list[str] | None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgevitError
-from edgevit.export.base import ExportResult, Runner, RuntimeUnavailable, quiet
+from edgevit.export.base import ExportResult, Runner, RuntimeUnavailable, quiet, run_in_chunks
 from edgevit.models.layers import decompose_norms
 
 # Node names that are bookkeeping, not compute: a delegate call's outputs are unpacked by getitem.
@@ -199,15 +199,10 @@ def load_runner(path: Path, options: dict[str, Any]) -> Runner:
             raise EdgevitError(f"executorch.runtime cannot load {Path(path).name}: {exc} ({detail})") from None
     static_batch = program.metadata("forward").input_tensor_meta(0).sizes()[0]
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        # The program's batch is static: feed the batch slice by slice.
-        outputs = []
-        for start in range(0, len(batch), static_batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(batch[start:start + static_batch], dtype=np.float32))
-            outputs.append(method.execute([chunk])[0].numpy())
-        return np.concatenate(outputs).astype(np.float32)
+    def run_chunk(chunk: np.ndarray) -> np.ndarray:
+        return method.execute([torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))])[0].numpy()
 
-    return run
+    return lambda batch: run_in_chunks(run_chunk, batch, static_batch)
 
 
 @contextlib.contextmanager

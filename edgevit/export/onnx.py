@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from edgevit.errors import EdgevitError
-from edgevit.export.base import ExportResult, Runner, quiet
+from edgevit.export.base import ExportResult, Runner, quiet, run_in_chunks
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-MIN_OPSET = 17
 
 # Ops left in float32 in an fp16 graph: their reductions and exponentials overflow or lose the
 # small differences that matter in float16 (the same ops the fp16 pre-checks flag).
@@ -23,8 +22,6 @@ FP16_KEEP_FLOAT32 = ("LayerNormalization", "GroupNormalization", "Softmax", "Red
 def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path) -> ExportResult:
     import onnx
 
-    if options["opset"] < MIN_OPSET:
-        raise EdgevitError(f"opset {options['opset']} is too old: edgevit exports opset {MIN_OPSET} or newer")
     path = out_dir / f"{model.cfg.name}.onnx"
     _torch_export(model, example, path, options)
     graph = onnx.load(str(path))
@@ -122,9 +119,6 @@ def load_runner(path: Path, options: dict[str, Any]) -> Runner:
     dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
 
     def run(batch: np.ndarray) -> np.ndarray:
-        # A static-batch graph takes its own batch size; feed it slice by slice.
-        step = static_batch or len(batch)
-        outputs = [sess.run(None, {meta.name: batch[i:i + step].astype(dtype)})[0] for i in range(0, len(batch), step)]
-        return np.concatenate(outputs).astype(np.float32)
+        return run_in_chunks(lambda chunk: sess.run(None, {meta.name: chunk.astype(dtype)})[0], batch, static_batch)
 
     return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -103,7 +104,7 @@ def export_model(
     spec = get_target(chosen.target)
     implementation = spec.implementation()  # missing backend → names the extra to install
     out_dir = _writable_dir(Path(out_dir))
-    bundle = out_dir / _bundle_name(cfg.name, chosen.name, overridden)
+    bundle = out_dir / bundle_name(cfg.name, chosen.name, overridden)
     seconds: dict[str, float] = {}
 
     clock = time.perf_counter()
@@ -214,7 +215,7 @@ def _tool_versions(modules: tuple[str, ...]) -> dict[str, str]:
     return versions
 
 
-def _bundle_name(model: str, recipe: str, overridden: dict[str, Any]) -> str:
+def bundle_name(model: str, recipe: str, overridden: dict[str, Any]) -> str:
     """``model-recipe``, plus the options changed on the command line, so that e.g.
     ``--image-input`` does not overwrite the bundle of the plain recipe."""
     suffix = "".join(f"+{k}" if v is True else f"+{k}={v}" for k, v in sorted(overridden.items()))
@@ -286,6 +287,4 @@ def _sha256(path: Path) -> str:
 
 
 def _to_json(data: Any) -> str:
-    import json
-
     return json.dumps(data, indent=2, default=str) + "\n"

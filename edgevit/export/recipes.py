@@ -97,6 +97,8 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
             raise EdgevitError(f"{where}: target {target.name} has no option {name!r} (its options: {offered})")
         if type(value) is not type(spec.default):
             raise EdgevitError(f"{where}: option {name} must be {type(spec.default).__name__}, got {value!r}")
+        if spec.minimum is not None and value < spec.minimum:
+            raise EdgevitError(f"{where}: option {name} must be at least {spec.minimum}, got {value}")
         if spec.choices and value not in spec.choices:
             raise EdgevitError(f"{where}: option {name} must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
     verify = dict(data.get("verify", {}))

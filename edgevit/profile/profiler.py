@@ -18,11 +18,11 @@ from edgevit.profile.profiles import DeviceProfile
 def artifact_for(model: str, target: str, precision: str, artifacts_dir: Path,
                  progress: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
     """The verified artifact of the target's default recipe: the existing bundle, or a new export."""
-    from edgevit.export.pipeline import MANIFEST_NAME, export_model
+    from edgevit.export.pipeline import MANIFEST_NAME, bundle_name, export_model
     from edgevit.export.recipes import resolve_recipe
 
     recipe = resolve_recipe(None, target, precision)
-    manifest_path = artifacts_dir / f"{model}-{recipe.name}" / MANIFEST_NAME
+    manifest_path = artifacts_dir / bundle_name(model, recipe.name, {}) / MANIFEST_NAME
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
         progress(f"using {manifest_path.parent}")

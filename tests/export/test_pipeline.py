@@ -135,7 +135,7 @@ def _cli(capsys, *argv):
     (["-t", "executorch", "-p", "fp16"], "target executorch has no precision 'fp16'"),
     (["-t", "coreml", "--dynamic-batch"], "--dynamic-batch does not apply to target coreml"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
-    (["--opset", "13"], "opset 13 is too old"),
+    (["--opset", "13"], "option opset must be at least 17, got 13"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(argv, message, capsys, tmp_path):
     out = tmp_path / "out"
