@@ -10,7 +10,8 @@ _TARGET_LIST = (
         name="onnx",
         description="ONNX graph, verified in onnxruntime",
         suffix=".onnx",
-        precisions=("fp32", "fp16"),
+        precisions=("fp32", "fp16", "int8"),
+        quant_modes=("dynamic", "static", "qat"),
         runtime="onnxruntime",
         extra="onnx",
         requires=("onnx", "onnxruntime", "onnxslim"),
@@ -26,7 +27,8 @@ _TARGET_LIST = (
         name="executorch",
         description="ExecuTorch .pte, lowered to XNNPACK (or Core ML), verified in executorch.runtime",
         suffix=".pte",
-        precisions=("fp32",),
+        precisions=("fp32", "int8"),
+        quant_modes=("dynamic", "static", "qat"),
         runtime="executorch.runtime",
         extra="executorch",
         requires=("executorch",),
@@ -39,7 +41,9 @@ _TARGET_LIST = (
         name="coreml",
         description="Core ML ML program (.mlpackage); runs on macOS, numerics pre-checked elsewhere",
         suffix=".mlpackage",
-        precisions=("fp16", "fp32"),
+        precisions=("fp16", "fp32", "int8"),
+        # dynamic: 8-bit weights (W8, no calibration); static/qat: 8-bit weights and activations (W8A8)
+        quant_modes=("dynamic", "static", "qat"),
         runtime="coremltools (MLModel.predict, macOS only)",
         extra="coreml",
         requires=("coremltools",),
@@ -49,6 +53,29 @@ _TARGET_LIST = (
             OptionSpec("image_input", False, "Take an RGB image with 0-255 pixels (normalisation folded into the model)."),
             OptionSpec("labels_file", "", "Class labels, one per line, embedded as a Core ML classifier "
                        "(ImageNet names are not bundled: without it the output is logits)."),
+        ),
+    ),
+    TargetSpec(
+        name="tensorrt",
+        description="TensorRT: the ONNX TensorRT consumes (precision in the graph), verified in onnxruntime; "
+                    "the engine too where TensorRT and a CUDA GPU are present",
+        suffix=".engine",  # .onnx (plus build-engine.sh) where no engine could be built
+        precisions=("fp16", "fp32", "int8"),
+        quant_modes=("static", "qat"),  # int8 from calibrated Q/DQ only: TensorRT has no dynamic quantization
+        runtime="TensorRT (engine, CUDA GPU)",
+        # What the ONNX needs; TensorRT itself ([tensorrt] extra) only builds and runs the engine.
+        extra="onnx",
+        requires=("onnx", "onnxruntime", "onnxslim"),
+        options=(
+            OptionSpec("opset", 18, "ONNX opset (>= 17).", minimum=17),
+            OptionSpec("dynamic_batch", False, "Leave the batch dimension free."),
+            OptionSpec("opt_batch", 1, "With --dynamic-batch: the batch TensorRT tunes for (optimisation profile "
+                       "min/opt/max = 1/opt/max).", minimum=1),
+            OptionSpec("max_batch", 8, "With --dynamic-batch: the largest batch the engine takes.", minimum=1),
+            OptionSpec("workspace_mb", 1024, "TensorRT builder workspace limit, MiB.", minimum=16),
+            OptionSpec("timing_cache", "", "TensorRT timing cache read before the build and updated after it "
+                       "(default: one per GPU and TensorRT version in ~/.cache/edgevit/tensorrt); a copy is kept "
+                       "beside the engine."),
         ),
     ),
 )

@@ -3,9 +3,10 @@ verification figures, and the runtime-unavailable signal.
 
 A target module (``edgevit/export/<name>.py``) provides two functions:
 
-- ``export(model, example, precision, options, out_dir) -> ExportResult``: write the artifact
-  into ``out_dir`` (a private temporary folder) and say what it wrote (``details["input"]``, if
-  given, replaces the manifest's default float32 NCHW tensor input spec);
+- ``export(model, example, precision, options, out_dir, quant=None) -> ExportResult``: write the
+  artifact into ``out_dir`` (a private temporary folder) and say what it wrote
+  (``details["input"]``, if given, replaces the manifest's default float32 NCHW tensor input
+  spec); precision ``int8`` comes with ``quant``, an ``edgevit.quant.spec.QuantSpec``;
 - ``load_runner(artifact_path, options) -> Runner``: the target's real runtime, as a callable
   from a float32 NCHW numpy batch to float32 logits; raises :class:`RuntimeUnavailable` where
   that runtime cannot run here (Core ML off macOS), and may then offer
@@ -72,6 +73,7 @@ class TargetSpec:
     extra: str  # pip extra that installs what it needs
     requires: tuple[str, ...]  # importable modules it needs
     options: tuple[OptionSpec, ...] = ()
+    quant_modes: tuple[str, ...] = ()  # quantization modes (edgevit.quant.spec.MODES) its int8 supports
 
     @property
     def default_precision(self) -> str:

@@ -10,6 +10,20 @@ With ``image_input`` the model takes an RGB image with pixel values 0–255. Cor
 normalisation ``(pixel / 255 − mean[c]) / std[c]`` divides by a per-channel std. We fold the
 exact part that fits — ``scale = 1/255``, ``bias[c] = −mean[c]`` — into the ImageType and put the
 per-channel ``1/std[c]`` in the model as one multiply in front of it (left out when std is 1).
+
+``int8`` takes a :class:`~edgevit.quant.spec.QuantSpec`; the ML program computes in float16:
+
+- ``dynamic`` → **W8**: the converted program's conv and linear weights become int8 with
+  ``coremltools.optimize.coreml.linear_quantize_weights`` (symmetric, per output channel or per
+  tensor; tensors of up to ``W8_WEIGHT_THRESHOLD`` elements and ``float_modules`` stay float16);
+- ``static`` / ``qat`` → **W8A8**: the PT2E program of :mod:`edgevit.quant.pt2e` (calibrated in
+  PyTorch, or QAT's converted model) is converted as it is: its quantize/dequantize pairs become
+  Core ML ``quantize``/``dequantize`` ops, its int8 weights ``constexpr_affine_dequantize``.
+
+Their pre-check runs what the ML program holds in PyTorch, with every float op's output rounded to
+float16: W8, the deploy model with the ML program's own dequantized int8 weights (read back from
+the program); W8A8, the PT2E program. Both also fail if the ML program holds no int8 weights
+(or, for W8A8, no activation quantization).
 """
 from __future__ import annotations
 
@@ -18,6 +32,7 @@ import json
 import math
 import platform
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +45,8 @@ from torch.utils._pytree import tree_map
 import edgevit
 from edgevit.errors import EdgevitError
 from edgevit.export.base import ExportResult, PrecheckResult, Runner, RuntimeUnavailable, quiet, run_in_chunks
+from edgevit.quant import pt2e
+from edgevit.quant.spec import QuantSpec
 
 INPUT_NAME, IMAGE_INPUT_NAME, OUTPUT_NAME = "input", "image", "logits"
 CLASS_LABEL_NAME = "classLabel"
@@ -43,22 +60,45 @@ METADATA_PREFIX = "edgevit."
 _EXPORTED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.export.ExportedProgram, torch.Tensor | None]]" = (
     weakref.WeakKeyDictionary()
 )
+# W8: weight tensors of more elements than this become int8 (coremltools' own default: the
+# small ones, e.g. depthwise kernels, save little and are the most sensitive).
+W8_WEIGHT_THRESHOLD = 2048
+_W8_OP_TYPES = ("conv", "linear")
+# int8 programs need iOS 17 / macOS 14 for activation quantize/dequantize ops.
+_W8A8_TARGETS = ("iOS17", "iOS18", "macOS14", "macOS15")
+
+
+@dataclass
+class _Int8Program:
+    """What an int8 export converted, for its pre-check."""
+
+    mode: str  # "w8" or "w8a8"
+    facts: dict[str, Any]  # int8 contents of the ML program (see int8_facts)
+    graph: torch.fx.GraphModule | None = None  # W8A8: the converted PT2E program
+    weights: dict[str, torch.Tensor] | None = None  # W8: dequantized int8 weights by parameter name
+
+
+_INT8: "weakref.WeakKeyDictionary[nn.Module, _Int8Program]" = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------- export
 
-def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path) -> ExportResult:
+def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path,
+           quant: QuantSpec | None = None) -> ExportResult:
     cfg = model.cfg
     labels = _read_labels(options["labels_file"], cfg.num_classes)
     ct = _coremltools()
+    int8_mode = _int8_mode(precision, quant, options["deployment_target"])
     image_input = bool(options["image_input"])
     inv_std = _inverse_std(cfg.std) if image_input else None
-    module = _DivideByStd(model, inv_std) if inv_std is not None else model
+    quantized = pt2e.quantize(model, example, quant) if int8_mode == "w8a8" else None
+    core = quantized.graph_module if quantized else model
+    module = _DivideByStd(core, inv_std) if inv_std is not None else core
     # The program sees what the ImageType hands over, pixel/255 − mean, i.e. example · std.
     sample = example * torch.tensor(cfg.std).view(1, -1, 1, 1) if image_input else example
 
     with quiet():
-        program = torch.export.export(module, (sample,)).run_decompositions({})
+        program = torch.export.export(module, (sample.contiguous(),)).run_decompositions({})
         if image_input:
             scale, bias = image_scale_bias(cfg.mean)
             inputs = [ct.ImageType(name=IMAGE_INPUT_NAME, shape=tuple(sample.shape), scale=scale, bias=bias,
@@ -71,14 +111,24 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
             outputs=[ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)],
             classifier_config=ct.ClassifierConfig(labels, predicted_feature_name=CLASS_LABEL_NAME) if labels else None,
             convert_to="mlprogram",
-            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+            compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16,
             minimum_deployment_target=getattr(ct.target, options["deployment_target"]),
             # Loading compiles the model with the Core ML framework, which exists only on Apple
             # systems; load_runner loads the saved package there instead.
             skip_model_load=True,
+            pass_pipeline=_pass_pipeline(ct, int8_mode),
         )
     if precision == "fp32":
         _EXPORTED[model] = (program, torch.tensor(cfg.std).view(1, -1, 1, 1) if image_input else None)
+    quantization: dict[str, Any] = {}
+    if int8_mode == "w8":
+        mlmodel, quantization, weights = _quantize_weights(mlmodel, program, quant, model)
+        facts = int8_facts(mlmodel.get_spec())
+        _INT8[model] = _Int8Program("w8", facts, weights=weights)
+    elif int8_mode == "w8a8":
+        quantization = quantized.details
+        facts = int8_facts(mlmodel.get_spec())
+        _INT8[model] = _Int8Program("w8a8", facts, graph=quantized.graph_module)
 
     _describe(mlmodel, cfg, precision, image_input, labels)
     path = out_dir / f"{cfg.name}.mlpackage"
@@ -87,13 +137,19 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
 
     spec = mlmodel.get_spec()
     details: dict[str, Any] = {
-        "source": "torch.export + run_decompositions({}) → coremltools ML program",
+        "source": ("PT2E int8 program (edgevit.quant.pt2e) → " if int8_mode == "w8a8" else "")
+        + "torch.export + run_decompositions({}) → coremltools ML program"
+        + (" → linear_quantize_weights (int8)" if int8_mode == "w8" else ""),
         "deployment_target": options["deployment_target"],
-        "compute_precision": precision,
+        "compute_precision": "fp16" if int8_mode else precision,
         "specification_version": spec.specificationVersion,
         "compiled": False,  # Core ML compiles the package when it is first loaded on a device
     }
     details.update(program_facts(spec))
+    if int8_mode:
+        details["int8"] = {"scheme": "W8 (int8 weights, float16 activations)" if int8_mode == "w8"
+                           else "W8A8 (int8 weights and activations)", **_INT8[model].facts}
+        details["quantization"] = quantization
     if image_input:
         scale, bias = image_scale_bias(cfg.mean)
         details["input"] = {"name": IMAGE_INPUT_NAME, "kind": "image", "color": "RGB", "pixel_range": [0, 255],
@@ -109,6 +165,91 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
     else:
         details["labels"] = {"embedded": False, "note": _labels_note(cfg.labels)}
     return ExportResult(path, details)
+
+
+def _pass_pipeline(ct, int8_mode: str | None):
+    """coremltools' default passes; for W8A8 without ``fuse_linear_bias``, which crashes on a
+    linear with one output followed by a scalar add (coremltools 9: ``bias.shape[-1]`` of a
+    scalar) — the mean of a decomposed LayerNorm plus eps, in QAT programs made for XNNPACK.
+    PT2E programs' linears carry their bias already, so the pass has nothing to fuse there."""
+    if int8_mode != "w8a8":
+        return None  # ct.convert's own default
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(["common::fuse_linear_bias"])
+    return pipeline
+
+
+def _int8_mode(precision: str, quant: QuantSpec | None, deployment_target: str) -> str | None:
+    """"w8" (dynamic), "w8a8" (static, qat) or None (float precisions); checks the combination."""
+    if precision != "int8":
+        return None
+    if quant is None:
+        raise EdgevitError("int8 export needs a quantization spec (edgevit.quant.spec.QuantSpec)")
+    if quant.mode == "dynamic":
+        return "w8"
+    if deployment_target not in _W8A8_TARGETS:
+        raise EdgevitError(f"8-bit activations (int8 {quant.mode}) need Core ML's quantize/dequantize ops, from "
+                           f"iOS17/macOS14 on, not {deployment_target}: raise --deployment-target or use dynamic (W8)")
+    return "w8a8"
+
+
+def _quantize_weights(mlmodel, program: torch.export.ExportedProgram, quant: QuantSpec, model: nn.Module):
+    """W8: int8 conv/linear weights in the ML program. Returns the new model, its quantization
+    details and the dequantized int8 weights by parameter name (what the pre-check runs)."""
+    import coremltools.optimize.coreml as cto
+
+    parameter_of = _parameter_names(program)
+    float_names = quant.float_module_names(model)
+    kept_float: list[str] = []
+    op_name_configs: dict[str, Any] = {}
+    for op in mlmodel._mil_program.functions["main"].operations:
+        weight = op.inputs.get("weight") if op.op_type in _W8_OP_TYPES else None
+        parameter = parameter_of.get(_source_name(weight.name)) if weight is not None else None
+        if parameter and any(parameter == f"{m}.weight" or parameter.startswith(f"{m}.") for m in float_names):
+            op_name_configs[op.name] = None
+            kept_float.append(parameter)
+    config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                         granularity="per_channel" if quant.per_channel else "per_tensor",
+                                         weight_threshold=W8_WEIGHT_THRESHOLD)
+    with quiet():
+        quantized = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
+            op_type_configs={op_type: config for op_type in _W8_OP_TYPES}, op_name_configs=op_name_configs))
+    weights: dict[str, torch.Tensor] = {}
+    for op in quantized._mil_program.functions["main"].operations:
+        if op.op_type.startswith("constexpr_"):
+            parameter = parameter_of.get(_source_name(op.name))
+            if parameter is not None:
+                weights[parameter] = torch.from_numpy(np.asarray(op.materialized_val_inference(), dtype=np.float32))
+    details = {
+        "quantizer": "coremltools.optimize.coreml.linear_quantize_weights",
+        "mode": "dynamic",
+        "weights": f"int8 symmetric, {'per output channel' if quant.per_channel else 'per tensor'}, conv and linear "
+                   f"weights of more than {W8_WEIGHT_THRESHOLD} elements",
+        "activations": "float16 (not quantized)",
+        "float_modules": float_names,
+        "float_weights": sorted(kept_float),
+        "not_applicable": {"float_ops": "W8 quantizes weights only; every op computes in float16"} if quant.float_ops else {},
+    }
+    return quantized, details, weights
+
+
+def _parameter_names(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """torch.export placeholder name → the module's parameter name (as the ML program's consts
+    are named after the placeholder), without the image-input wrapper's ``model.`` prefix."""
+    names = {}
+    for spec in program.graph_signature.input_specs:
+        if spec.target:
+            target = spec.target[len("model."):] if spec.target.startswith("model.") else spec.target
+            names[spec.arg.name] = target
+    return names
+
+
+def _source_name(mil_name: str) -> str:
+    """The placeholder a const of the ML program comes from (coremltools appends what it did)."""
+    for suffix in ("_quantized", "_to_fp16"):
+        if mil_name.endswith(suffix):
+            mil_name = mil_name[: -len(suffix)]
+    return mil_name
 
 
 class _DivideByStd(nn.Module):
@@ -221,6 +362,36 @@ def program_facts(spec) -> dict[str, Any]:
     }
 
 
+def int8_facts(spec) -> dict[str, Any]:
+    """What an ML program holds in 8 bits: weight tensors stored as int8/uint8 (constexpr ops, or
+    int8 consts that one dequantizes), and its activation quantize/dequantize ops."""
+    from coremltools.proto import MIL_pb2
+
+    function = spec.mlProgram.functions["main"]
+    ops = list(_operations(function.block_specializations[function.opset]))
+    const_dtypes = {}
+    for op in ops:
+        if op.type == "const" and op.outputs and op.outputs[0].type.HasField("tensorType"):
+            const_dtypes[op.outputs[0].name] = MIL_pb2.DataType.Name(op.outputs[0].type.tensorType.dataType).lower()
+
+    def stored_dtype(op) -> str | None:
+        for key in ("quantized_data", "data", "indices"):
+            if key in op.attributes and op.attributes[key].type.HasField("tensorType"):
+                return MIL_pb2.DataType.Name(op.attributes[key].type.tensorType.dataType).lower()
+            if key in op.inputs and op.inputs[key].arguments:
+                return const_dtypes.get(op.inputs[key].arguments[0].name)
+        return None
+
+    stored = collections.Counter(stored_dtype(op) or "unknown" for op in ops if op.type.startswith("constexpr_"))
+    counts = collections.Counter(op.type for op in ops)
+    return {
+        "int8_weight_tensors": stored.get("int8", 0) + stored.get("uint8", 0),
+        "compressed_weight_storage": dict(sorted(stored.items())),
+        "quantize_ops": counts.get("quantize", 0),
+        "dequantize_ops": counts.get("dequantize", 0),
+    }
+
+
 def _operations(block):
     for op in block.operations:
         yield op
@@ -320,11 +491,65 @@ def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> Prechec
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
+            if precision == "int8":
+                return _precheck_int8(model, example)
             if precision == "fp16":
                 return _precheck_fp16(model, example)
             return _precheck_fp32(model, example)
     finally:
         torch.set_num_threads(threads)
+
+
+def _precheck_int8(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
+    """int8: what the ML program holds, run in PyTorch with float16 outputs (see the module doc)."""
+    program = _INT8.get(model)
+    if program is None:
+        raise EdgevitError("the int8 pre-check runs what export() converted for this model: export it first, "
+                           "with the same model object")
+    facts = program.facts
+    failures = []
+    if not facts["int8_weight_tensors"]:
+        failures.append("the ML program holds no int8 weights")
+    if program.mode == "w8a8" and not (facts["quantize_ops"] and facts["dequantize_ops"]):
+        failures.append("the ML program holds no activation quantize/dequantize ops")
+    contents = (f"ML program contents: {facts['int8_weight_tensors']} int8 weight tensors, "
+                f"{facts['quantize_ops']} quantize and {facts['dequantize_ops']} dequantize ops")
+    reference = model(example)
+    if program.mode == "w8":
+        emulated, replaced = _with_weights(model, program.weights)
+        result = _precheck_fp16(emulated, example)
+        notes = [contents, f"the deploy model with the {replaced} int8 weights read back from the ML program "
+                           "(dequantized), in float16 emulation, against the float32 deploy model", *result.notes]
+        return PrecheckResult(name="W8 pre-check: the ML program's int8 weights, float16 emulation (PyTorch)",
+                              reference=reference.numpy(), candidate=result.candidate, notes=notes,
+                              failures=failures + result.failures)
+    names = _ModuleStack(program.graph)
+    try:
+        rounding = _Float16Rounding(names)
+        with rounding:
+            candidate = pt2e.run_graph(program.graph, example.to(torch.float16).to(torch.float32))
+    finally:
+        names.remove()
+    notes = [contents, "the PT2E int8 program that was converted (quantize/dequantize as PyTorch defines them, "
+                       "int8 weights), every float op's output rounded to float16, against the float32 deploy model"]
+    if rounding.first_non_finite:
+        notes.append(f"NaN/Inf first appears in float16 at {rounding.first_non_finite}")
+    return PrecheckResult(name="W8A8 pre-check: the converted PT2E int8 program, float16 emulation (PyTorch)",
+                          reference=reference.numpy(), candidate=candidate.numpy(), notes=notes, failures=failures)
+
+
+def _with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> tuple[nn.Module, int]:
+    """A copy of ``model`` with the given parameters replaced (shapes as the model's own)."""
+    import copy
+
+    emulated = copy.deepcopy(model)
+    state = emulated.state_dict()
+    for name, value in weights.items():
+        if name not in state or state[name].numel() != value.numel():
+            raise EdgevitError(f"the ML program's int8 weight {name} {tuple(value.shape)} matches no parameter of "
+                               f"{type(model).__name__}; cannot pre-check it")
+        state[name].copy_(value.reshape(state[name].shape))
+    return emulated, len(weights)
 
 
 def _precheck_fp32(model: nn.Module, example: torch.Tensor) -> PrecheckResult:

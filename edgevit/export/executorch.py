@@ -6,6 +6,13 @@ at a time. What the partitioner left outside the delegate is reported in the man
 it leaves out runs in ExecuTorch's portable kernels and splits the graph into more delegate
 calls, so ``delegated_share`` and ``delegated_subgraphs`` say how well a deploy form suits the
 backend.
+
+``int8`` (XNNPACK only) comes from :mod:`edgevit.quant.pt2e`: the deploy model, norms decomposed
+as for fp32, is quantized with PT2E (static: calibrated on ``quant.calibration``; dynamic: linear
+weights int8, their inputs quantized at run time; qat: ``quant.qat_model`` as it is) and
+the converted program is lowered the same way as fp32. The manifest adds the quantizer settings,
+what stayed float, the PT2E graph's quantize/dequantize counts and the int8 ops (if any) that
+the delegate left to ExecuTorch's portable kernels.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ from torch import nn
 from edgevit.errors import EdgevitError
 from edgevit.export.base import ExportResult, Runner, RuntimeUnavailable, quiet, run_in_chunks
 from edgevit.models.layers import decompose_norms
+from edgevit.quant import pt2e
+from edgevit.quant.spec import QuantSpec
 
 # Node names that are bookkeeping, not compute: a delegate call's outputs are unpacked by getitem.
 _NOT_COMPUTE = frozenset({"getitem"})
@@ -33,21 +42,37 @@ COREML_DEPLOYMENT_TARGET = "iOS17"
 _BACKEND_NAMES = {"xnnpack": "XnnpackBackend", "coreml": "CoreMLBackend"}
 
 
-def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path) -> ExportResult:
+def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path,
+           quant: QuantSpec | None = None) -> ExportResult:
     backend = options["backend"]
-    if precision != "fp32":
-        raise EdgevitError(f"the executorch target exports fp32 only, not {precision}")
+    if precision not in ("fp32", "int8"):
+        raise EdgevitError(f"the executorch target exports fp32 or int8, not {precision}")
+    if precision == "int8" and backend != "xnnpack":
+        raise EdgevitError(f"int8 for the executorch target is lowered to XNNPACK, not {backend}: use --backend "
+                           "xnnpack, or the coreml target for 8-bit Core ML models")
+    if precision == "int8" and quant is None:
+        raise EdgevitError("int8 export needs a quantization spec (edgevit.quant.spec.QuantSpec)")
+    name = model.cfg.name
     if backend == "xnnpack":
         # XNNPACK has no layer/group-norm kernels: without this the graph splits at every norm and
         # they fall back to portable kernels whose one-pass variance loses precision.
         model = decompose_norms(copy.deepcopy(model))
+    quantization: dict[str, Any] = {}
+    if precision == "int8":
+        quantized = pt2e.quantize(model, example, quant)
+        model, quantization = quantized.graph_module, quantized.details
     with quiet():
         edge = lower(model, example, backend)
         stats = delegation_stats(edge.exported_program().graph_module)
         executorch_program = edge.to_executorch()
-    path = out_dir / f"{model.cfg.name}.pte"
+    path = out_dir / f"{name}.pte"
     path.write_bytes(executorch_program.buffer)
-    details: dict[str, Any] = {"backend": backend, "static_batch": int(example.shape[0]), "dtype": "float32", **stats}
+    details: dict[str, Any] = {"backend": backend, "static_batch": int(example.shape[0]),
+                               "dtype": "int8" if quantization else "float32", **stats}
+    if quantization:
+        # Quantized ops the delegate did not take run in portable kernels, outside XNNPACK.
+        details["non_delegated_int8_ops"] = {op: n for op, n in stats["non_delegated_ops"].items() if "quantize" in op}
+        details["quantization"] = quantization
     if backend == "coreml":
         details |= {"coreml_compute_precision": "float32", "coreml_compute_units": "all",
                     "coreml_minimum_deployment_target": COREML_DEPLOYMENT_TARGET}
@@ -59,7 +84,7 @@ def lower(model: nn.Module, example: torch.Tensor, backend: str):
     manager, delegates in place (``.to_executorch()`` gives the program)."""
     from executorch.exir import to_edge_transform_and_lower
 
-    program = torch.export.export(model, (example,))
+    program = torch.export.export(model, (example.contiguous(),))
     if backend != "xnnpack":
         return to_edge_transform_and_lower(program, partitioner=[_partitioner(backend)])
     with _without_pattern_tracing():

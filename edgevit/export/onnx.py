@@ -1,4 +1,5 @@
-"""ONNX target: torch.onnx export of the deploy model, onnxslim, optional float16, onnxruntime."""
+"""ONNX target: torch.onnx export of the deploy model, onnxslim, optional float16 or int8
+(:mod:`edgevit.quant.onnx_int8`), onnxruntime."""
 from __future__ import annotations
 
 import collections
@@ -19,24 +20,47 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 FP16_KEEP_FLOAT32 = ("LayerNormalization", "GroupNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf")
 
 
-def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path) -> ExportResult:
+def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path,
+           quant=None) -> ExportResult:
     import onnx
 
+    if precision == "int8" and quant is None:
+        raise EdgevitError(f"ONNX int8 needs quantization settings: run  edgevit quantize {model.cfg.name} --target onnx")
     path = out_dir / f"{model.cfg.name}.onnx"
     _torch_export(model, example, path, options)
     graph = onnx.load(str(path))
+    if precision == "int8" and options["exporter"] == "dynamo":
+        # before onnxslim drops the metadata that says which module each node came from
+        from edgevit.quant.onnx_int8 import name_nodes_by_module
+        name_nodes_by_module(graph)
     if options["simplify"]:
         graph = _simplify(graph)
+    quantization = None
     if precision == "fp16":
         graph = _to_float16(graph, keep_io_float32=not options["fp16_io"])
+    elif precision == "int8":
+        graph, quantization = _to_int8(graph, model, quant)
     onnx.checker.check_model(graph, full_check=True)
     onnx.save(graph, str(path))
     ops = collections.Counter(node.op_type for node in graph.graph.node)
     return ExportResult(path, {
-        "exporter": options["exporter"], "opset": options["opset"], "dynamic_batch": options["dynamic_batch"],
+        "exporter": options["exporter"], "opset": max(options["opset"], (quantization or {}).get("opset") or 0),
+        "dynamic_batch": options["dynamic_batch"],
         "simplified": options["simplify"], "nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items())),
         "io_dtype": "float16" if precision == "fp16" and options["fp16_io"] else "float32",
+        **({"quantization": quantization} if quantization else {}),
     })
+
+
+def _to_int8(graph, model: nn.Module, quant):
+    from edgevit.quant.onnx_int8 import node_module, quantize_onnx
+
+    modules = quant.float_module_names(model)
+    if modules and not any(node_module(n.name) for n in graph.graph.node):
+        raise EdgevitError("float_modules need module paths in the ONNX node names and this graph has none; "
+                           "export with --exporter torchscript, or use float_ops instead")
+    int8 = quantize_onnx(graph, quant, modules, INPUT_NAME)
+    return int8.model, int8.details
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, options: dict[str, Any]) -> None:

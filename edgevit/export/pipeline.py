@@ -82,6 +82,45 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, f
     }
 
 
+def collapse_failure(reference: np.ndarray, figures: dict[str, Any]) -> str | None:
+    """A quantized artifact whose outputs took only a handful of values has collapsed (stock
+    LeViT on XNNPACK int8 gave two), even when its cosine looks tolerable on a small batch."""
+    reference_distinct = len(np.unique(reference.round(6)))
+    floor = min(16, max(2, reference_distinct // 10))
+    if figures["distinct_values"] < floor:
+        return (f"output collapsed: only {figures['distinct_values']} distinct values "
+                f"(fp32 gives {reference_distinct}); quantization scales swamp the output range")
+    return None
+
+
+def build_quant_spec(cfg, recipe: Recipe, calibration: Any, extra_float_modules: tuple[str, ...] = ()):
+    """The QuantSpec for an int8 recipe: the recipe's table over the family's defaults."""
+    from edgevit.quant.recipes import quant_settings
+    from edgevit.quant.spec import QuantSpec
+
+    settings = quant_settings(cfg.family, recipe.quantization)
+    settings["float_modules"] += tuple(m for m in extra_float_modules if m not in settings["float_modules"])
+    if settings["mode"] == "dynamic" and calibration is None:
+        return QuantSpec(**settings)  # needs no calibration; verification then uses synthetic images
+    if calibration is None:
+        raise EdgevitError(f"{settings['mode']} int8 needs calibration images: use  edgevit quantize {cfg.name} --target {recipe.target} --calib-data DIR")
+    return QuantSpec(**settings, calibration=calibration.inputs, calibration_summary=calibration.summary)
+
+
+def load_eval_model(name: str, weights: str | None):
+    """The eval model, built with the classes / input size a trained checkpoint records (see
+    ``edgevit train``), then loaded; returns (model, checkpoint report or None); ``model.cfg``
+    is the effective config."""
+    from edgevit.train import trained_metadata, trained_overrides
+
+    # URLs and hub ids are published checkpoints, not edgevit-trained ones.
+    trained = bool(weights) and Path(weights).is_file()
+    model = create_model(name, **(trained_overrides(weights) if trained else {}))
+    report = load_checkpoint(model, weights) if weights else None
+    model.class_names = trained_metadata(weights).get("class_names") if trained else None
+    return model, report
+
+
 def export_model(
     model: str,
     target: str | None = None,
@@ -93,28 +132,48 @@ def export_model(
     tolerances: dict[str, float] | None = None,
     verify: bool = True,
     progress: Callable[[str], None] | None = None,
+    *,
+    mode: str | None = None,
+    calibration: Any = None,
+    quant: Any = None,
+    extra_float_modules: tuple[str, ...] = (),
+    float_model: nn.Module | None = None,
+    bundle_suffix: str = "",
 ) -> ExportOutcome:
-    """Export a registered model to a verified artifact with a manifest; see the module doc."""
+    """Export a registered model to a verified artifact with a manifest; see the module doc.
+
+    int8 (``precision="int8"`` or a quantization ``mode``): the QuantSpec is built from the
+    recipe's ``[quantization]`` table, the family's defaults, ``extra_float_modules`` and
+    ``calibration`` (an ``edgevit.quant.calibration.Calibration``), unless ``quant`` is given.
+    ``float_model`` (deploy form) replaces the checkpoint's, e.g. QAT's fine-tuned weights; it is
+    then also the verification reference.
+    """
     step = progress or (lambda _message: None)
     cfg = get_model_cfg(model)  # unknown names fail before any slow work
-    chosen = resolve_recipe(recipe, target, precision, options)
+    chosen = resolve_recipe(recipe, target, precision, options, mode)
     overridden = {k: v for k, v in (options or {}).items() if chosen.options.get(k) != v}
     if options or tolerances:
         chosen = chosen.with_changes(options=options, tolerances=tolerances)
     spec = get_target(chosen.target)
     implementation = spec.implementation()  # missing backend → names the extra to install
+    if chosen.precision == "int8" and quant is None:
+        quant = build_quant_spec(cfg, chosen, calibration, extra_float_modules)
     out_dir = _writable_dir(Path(out_dir))
-    bundle = out_dir / bundle_name(cfg.name, chosen.name, overridden)
+    bundle = out_dir / (bundle_name(cfg.name, chosen.name, overridden) + bundle_suffix)
     seconds: dict[str, float] = {}
 
     clock = time.perf_counter()
     step(f"loading {cfg.name}" + (f" from {weights}" if weights else " (random weights)"))
-    eval_model = create_model(cfg.name)
-    report = load_checkpoint(eval_model, weights) if weights else None
-    deploy_model = to_deploy(eval_model)
-    example = verification_batch(cfg, chosen.verify_batch)
+    eval_model, report = load_eval_model(cfg.name, weights)
+    cfg = eval_model.cfg  # a trained checkpoint's classes / input size
+    deploy_model = float_model if float_model is not None else to_deploy(eval_model)
+    if quant is not None and quant.calibration is not None:
+        # int8 is judged on real images: the calibration sample's first images.
+        example = quant.calibration[:chosen.verify_batch].float()
+    else:
+        example = verification_batch(cfg, chosen.verify_batch)
     with torch.no_grad():
-        reference = eval_model(example).numpy()
+        reference = (float_model if float_model is not None else eval_model)(example).numpy()
     seconds["load"] = time.perf_counter() - clock
 
     _remove_stale_partials(out_dir)
@@ -123,7 +182,8 @@ def export_model(
     try:
         clock = time.perf_counter()
         step(f"exporting to {spec.name} ({chosen.precision}, recipe {chosen.name})")
-        result = implementation.export(deploy_model, example[:1], chosen.precision, chosen.options, staging)
+        extra = {"quant": quant} if quant is not None else {}
+        result = implementation.export(deploy_model, example[:1], chosen.precision, chosen.options, staging, **extra)
         seconds["export"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -140,6 +200,10 @@ def export_model(
                 f"({verification['check']}): {'; '.join(verification['failures'])}; nothing was written"
             )
         manifest = _manifest(cfg, chosen, spec, result, report, weights, verification, seconds)
+        manifest["output"]["class_names"] = getattr(eval_model, "class_names", None)
+        if quant is not None:
+            manifest["quantization"] = quant.summary() | {"reference": "QAT fine-tuned float model"
+                                                          if float_model is not None else "fp32 eval model"}
         (staging / MANIFEST_NAME).write_text(_to_json(manifest))
         step(f"writing {bundle}")
         _place(staging, bundle)
@@ -169,6 +233,9 @@ def _verify(implementation, artifact: Path, recipe: Recipe, deploy_model: nn.Mod
         precheck_failures = []
     figures = compare_outputs(compared_with, candidate)
     failures = recipe.tolerances.failures(figures) + precheck_failures
+    collapse = collapse_failure(compared_with, figures)
+    if collapse:
+        failures.append(collapse)
     if not figures["finite"]:
         failures.insert(0, "output has NaN or Inf")
     return {"check": check, "batch": len(example), **figures, "tolerances": recipe.to_dict()["verify"],

@@ -13,6 +13,13 @@ A recipe file::
     [verify]
     batch = 4                   # verification batch size
     min_cosine = 0.9999         # any of: max_rel_error, min_cosine, min_top1_agreement
+    [quantization]              # precision "int8" only
+    mode = "static"             # dynamic | static | qat
+    method = "minmax"           # minmax | percentile | entropy (static, qat)
+    per_channel = true
+    calibration_images = 64     # sample size drawn from --calib-data
+    float_ops = ["softmax"]     # replaces the family's default (edgevit.quant.recipes)
+    float_modules = ["head"]    # module-name patterns kept float, added to the family's default
 """
 from __future__ import annotations
 
@@ -25,7 +32,10 @@ from edgevit.errors import EdgevitError
 from edgevit.export import get_target
 
 _TOLERANCE_KEYS = ("max_rel_error", "min_cosine", "min_top1_agreement")
-_TOP_KEYS = {"name", "target", "precision", "default", "description", "options", "verify"}
+_TOP_KEYS = {"name", "target", "precision", "default", "description", "options", "verify", "quantization"}
+# [quantization] keys and their types; absent keys take the family's defaults (edgevit.quant.recipes).
+_QUANT_KEYS = {"mode": str, "method": str, "per_channel": bool, "calibration_images": int,
+               "float_ops": list, "float_modules": list}
 
 
 @dataclass(frozen=True)
@@ -57,22 +67,30 @@ class Recipe:
     default: bool = False
     description: str = ""
     source: str = ""
+    quantization: dict[str, Any] = field(default_factory=dict)  # the [quantization] table (int8 only)
 
     def with_changes(self, precision: str | None = None, options: dict[str, Any] | None = None,
-                     tolerances: dict[str, float] | None = None) -> "Recipe":
+                     tolerances: dict[str, float] | None = None,
+                     quantization: dict[str, Any] | None = None) -> "Recipe":
         """This recipe with command-line overrides, validated like a file."""
         data = self.to_dict()
         if precision:
             data["precision"] = precision
         data["options"] = {**self.options, **(options or {})}
         data["verify"] = {**data["verify"], **(tolerances or {})}
-        return parse_recipe(data, source=self.source + " + command line" if options or tolerances or precision else self.source)
+        if quantization:
+            data["quantization"] = {**self.quantization, **quantization}
+        changed = options or tolerances or precision or quantization
+        return parse_recipe(data, source=self.source + " + command line" if changed else self.source)
 
     def to_dict(self) -> dict[str, Any]:
         verify = {k: getattr(self.tolerances, k) for k in _TOLERANCE_KEYS if getattr(self.tolerances, k) is not None}
-        return {"name": self.name, "target": self.target, "precision": self.precision,
+        data = {"name": self.name, "target": self.target, "precision": self.precision,
                 "options": dict(self.options), "verify": {"batch": self.verify_batch, **verify},
                 "default": self.default, "description": self.description}
+        if self.quantization:
+            data["quantization"] = dict(self.quantization)
+        return data
 
 
 def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
@@ -108,13 +126,47 @@ def parse_recipe(data: dict[str, Any], source: str) -> Recipe:
         raise EdgevitError(f"{where}: unknown [verify] keys {', '.join(sorted(bad))} (allowed: batch, {', '.join(_TOLERANCE_KEYS)})")
     if not isinstance(batch, int) or batch < 1:
         raise EdgevitError(f"{where}: [verify] batch must be a positive integer")
+    quantization = _parse_quantization(data.get("quantization"), data["precision"], target, where)
     return Recipe(
-        name=data["name"], target=target.name, precision=data["precision"],
+        name=data["name"], target=target.name, precision=data["precision"], quantization=quantization,
         options={o.name: options.get(o.name, o.default) for o in target.options},
         tolerances=Tolerances(**{k: float(v) for k, v in verify.items()}),
         verify_batch=batch, default=bool(data.get("default", False)),
         description=str(data.get("description", "")), source=source,
     )
+
+
+def _parse_quantization(table: Any, precision: str, target, where: str) -> dict[str, Any]:
+    if table is None:
+        if precision == "int8":
+            raise EdgevitError(f"{where}: an int8 recipe needs a [quantization] table with at least mode = ...")
+        return {}
+    if precision != "int8":
+        raise EdgevitError(f"{where}: [quantization] applies to precision int8 only, not {precision}")
+    if not isinstance(table, dict):
+        raise EdgevitError(f"{where}: [quantization] must be a table")
+    unknown = set(table) - set(_QUANT_KEYS)
+    if unknown:
+        raise EdgevitError(f"{where}: unknown [quantization] keys {', '.join(sorted(unknown))} "
+                           f"(allowed: {', '.join(_QUANT_KEYS)})")
+    for key, kind in _QUANT_KEYS.items():
+        if key in table and type(table[key]) is not kind:
+            raise EdgevitError(f"{where}: [quantization] {key} must be {kind.__name__}, got {table[key]!r}")
+    from edgevit.quant.spec import METHODS, MODES, OP_KINDS
+    mode = table.get("mode")
+    if mode not in MODES:
+        raise EdgevitError(f"{where}: [quantization] mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in target.quant_modes:
+        raise EdgevitError(f"{where}: target {target.name} has no {mode} quantization "
+                           f"(it offers {', '.join(target.quant_modes) or 'none'})")
+    if table.get("method", "minmax") not in METHODS:
+        raise EdgevitError(f"{where}: [quantization] method must be one of {', '.join(METHODS)}")
+    bad_ops = set(table.get("float_ops", [])) - set(OP_KINDS)
+    if bad_ops:
+        raise EdgevitError(f"{where}: unknown float_ops {', '.join(sorted(map(str, bad_ops)))} (known: {', '.join(OP_KINDS)})")
+    if table.get("calibration_images", 1) < 1:
+        raise EdgevitError(f"{where}: [quantization] calibration_images must be at least 1")
+    return dict(table)
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
@@ -130,11 +182,16 @@ def presets() -> dict[str, Recipe]:
     return found
 
 
-def resolve_recipe(recipe: str | None, target: str | None, precision: str | None,
-                   options: dict[str, Any] | None = None) -> Recipe:
+def resolve_recipe(recipe: "str | Recipe | None", target: str | None, precision: str | None,
+                   options: dict[str, Any] | None = None, mode: str | None = None) -> Recipe:
     """The recipe to use: a preset name or file if given; else, for the target and precision,
-    the preset whose options match all of ``options`` (``--backend coreml`` finds
-    ``executorch-coreml-fp32``), falling back to the default preset."""
+    the preset whose options (and quantization ``mode``) match (``--backend coreml`` finds
+    ``executorch-coreml-fp32``), falling back to the default preset. A ``mode`` no preset has
+    is set on the default int8 preset, and checked against the target's modes."""
+    if mode and precision not in (None, "int8"):
+        raise EdgevitError(f"quantization mode {mode} makes int8 artifacts; it cannot be combined with precision {precision}")
+    if isinstance(recipe, Recipe):  # already resolved (the quantize API adjusts one, then exports)
+        return _with_mode(recipe, mode)
     if recipe:
         shipped = presets()
         chosen = shipped.get(recipe) or (load_recipe_file(recipe) if Path(recipe).suffix == ".toml" or Path(recipe).exists() else None)
@@ -142,19 +199,31 @@ def resolve_recipe(recipe: str | None, target: str | None, precision: str | None
             raise EdgevitError(f"unknown recipe {recipe!r}: give a .toml file or one of {', '.join(shipped)}")
         if target and target != chosen.target:
             raise EdgevitError(f"recipe {chosen.name} is for target {chosen.target}, not {target}")
-        return chosen.with_changes(precision=precision) if precision else chosen
+        if mode and chosen.precision != "int8":
+            raise EdgevitError(f"recipe {chosen.name} is {chosen.precision}; quantization needs an int8 recipe")
+        chosen = chosen.with_changes(precision=precision) if precision and precision != chosen.precision else chosen
+        return _with_mode(chosen, mode)
     spec = get_target(target or "onnx")
-    precision = precision or spec.default_precision
+    precision = precision or ("int8" if mode else spec.default_precision)
     if precision not in spec.precisions:
         raise EdgevitError(
             f"target {spec.name} has no precision {precision!r} (it offers {', '.join(spec.precisions)})"
         )
+    if mode and mode not in spec.quant_modes:
+        raise EdgevitError(f"target {spec.name} has no {mode} quantization (it offers {', '.join(spec.quant_modes) or 'none'})")
     fitting = [c for c in presets().values() if c.target == spec.name and c.precision == precision]
+    if mode:
+        fitting = [c for c in fitting if c.quantization.get("mode") == mode] or fitting
     if options:
         matching = [c for c in fitting if all(c.options.get(k) == v for k, v in options.items())]
         if matching:
-            return min(matching, key=lambda c: not c.default)
-    for candidate in fitting:
-        if candidate.default:
-            return candidate
+            return _with_mode(min(matching, key=lambda c: not c.default), mode)
+    for candidate in sorted(fitting, key=lambda c: not c.default):
+        return _with_mode(candidate, mode)
     raise EdgevitError(f"no default recipe for {spec.name} {precision} in {data_dir('export')}")
+
+
+def _with_mode(recipe: Recipe, mode: str | None) -> Recipe:
+    if not mode or recipe.quantization.get("mode") == mode:
+        return recipe
+    return recipe.with_changes(quantization={"mode": mode})

@@ -41,6 +41,8 @@ def profile_group() -> None:
 @click.option("--precision", "-p", default="fp32", show_default=True)
 @click.option("--runs", default=50, show_default=True, help="Timed runs after the warm-up (at least 50 for reported figures).")
 @click.option("--max-warmup", default=100, show_default=True, help="Most warm-up runs before timing starts anyway.")
+@click.option("--repeats", default=3, show_default=True,
+              help="Repeats per target, each in a fresh process, targets taking turns; --runs is split among them.")
 @click.option("--threads", type=int, default=None, help="Threads (default: the profile's).")
 @click.option("--batch", default=1, show_default=True, help="Batch size (static-batch artifacts use their own).")
 @click.option("--isolate/--in-process", default=True, show_default=True,
@@ -51,7 +53,7 @@ def profile_group() -> None:
 @click.option("--artifacts", default="artifacts", show_default=True, help="Where exported artifacts are found or written.")
 @click.option("--save", default=None, help="Results file (default: profile-results/MODEL-DEVICE-PRECISION-TIME.json).")
 def measure_command(model: str, device: Optional[str], profile_file: Optional[str], targets: Optional[str], precision: str,
-                    runs: int, max_warmup: int, threads: Optional[int], batch: int, isolate: bool, estimate: bool,
+                    runs: int, max_warmup: int, repeats: int, threads: Optional[int], batch: int, isolate: bool, estimate: bool,
                     with_layers: bool, layer_depth: int, artifacts: str, save: Optional[str]) -> None:
     """Measure MODEL on a device: every target the device runs, under edgevit's timing protocol."""
     from edgevit.profile import layers, results
@@ -59,13 +61,13 @@ def measure_command(model: str, device: Optional[str], profile_file: Optional[st
     from edgevit.profile.profiles import resolve_profile
     from edgevit.profile.report import measurement_table
 
-    if runs < 1 or max_warmup < 0 or batch < 1 or (threads is not None and threads < 1):
-        raise EdgevitError("--runs, --batch and --threads must be positive and --max-warmup >= 0")
+    if runs < 1 or repeats < 1 or max_warmup < 0 or batch < 1 or (threads is not None and threads < 1):
+        raise EdgevitError("--runs, --repeats, --batch and --threads must be positive and --max-warmup >= 0")
     profile = resolve_profile(device, profile_file)
     chosen = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     with Console(stderr=True).status(f"profiling {model} on {profile.name}") as status:
         document = profile_model(model, profile, chosen, precision, runs, max_warmup, threads, batch, isolate,
-                                 estimate, with_layers, Path(artifacts), progress=status.update)
+                                 estimate, with_layers, Path(artifacts), progress=status.update, repeats=repeats)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = results.save(document, Path(save or f"profile-results/{model}-{profile.name}-{precision}-{stamp}.json"))
     console.print(measurement_table(document))

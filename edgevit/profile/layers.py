@@ -6,8 +6,14 @@
   (:mod:`edgevit.profile.estimate`) line up module by module.
 - ExecuTorch: its ETDump (``executorch.devtools.Inspector``) times every XNNPACK operator and
   every portable kernel, but names them by operator ("Fully Connected (NC, F32) GEMM #25"), not
-  by module: mapping them back needs an ETRecord written at export time, which the executorch
-  target does not write yet. ExecuTorch's layers are therefore keyed by operator kind.
+  by module. An ETRecord does not help with XNNPACK: it maps ETDump events to graph nodes (and
+  so to ``nn_module_stack``) through debug handles, and XNNPACK's preprocess in executorch 1.5.1
+  returns an empty ``debug_handle_map`` (backends/xnnpack/xnnpack_preprocess.py), so its events
+  carry none (checked: levit_128s re-lowered with ``generate_etrecord``, all 351 Execute events
+  have ``debug_handles`` None). Only ops left outside the delegate would map, and these families
+  are delegated whole; matching XNNPACK operators to nodes by order would be a guess (XNNPACK
+  adds layout transposes and reshapes that are no graph node). ExecuTorch's layers are
+  therefore keyed by operator kind.
 """
 from __future__ import annotations
 

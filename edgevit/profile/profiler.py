@@ -7,11 +7,12 @@ process; over ssh; over adb), or estimated from its peak figures where it cannot
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, Callable
 
 from edgevit.errors import EdgevitError
-from edgevit.profile import estimate, layers, remote, results, runtimes
+from edgevit.profile import estimate, layers, remote, results, runtimes, timing
 from edgevit.profile.profiles import DeviceProfile
 
 
@@ -36,8 +37,13 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
                   runs: int = 50, max_warmup: int = 100, threads: int | None = None, batch: int = 1,
                   isolate: bool = True, estimate_only: bool = False, with_layers: bool = False,
                   artifacts_dir: Path = Path("artifacts"), progress: Callable[[str], None] = lambda _: None,
-                  ) -> dict[str, Any]:
-    """Measure (or estimate) ``model`` on ``profile`` for each target; the results document."""
+                  repeats: int = 3) -> dict[str, Any]:
+    """Measure (or estimate) ``model`` on ``profile`` for each target; the results document.
+
+    Each measurement is ``repeats`` repeats (a fresh process each when isolated) of at least
+    ``runs / repeats`` timed runs, the targets taking turns (onnx, executorch, onnx, …), so a
+    change in the machine's load lands on every target alike and shows up as repeats that
+    disagree (:func:`edgevit.profile.timing.combine`) instead of passing for a steady figure."""
     from edgevit.models import get_model_cfg
 
     get_model_cfg(model)  # an unknown name fails before any slow work
@@ -47,31 +53,42 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
         raise EdgevitError("--layers profiles on this machine only (device reach 'local')")
     document = results.new_results(profile, model, precision, batch)
     threads = threads or profile.threads or None
+    repeats = max(1, repeats)
+    planned: list[tuple[dict[str, Any], remote.Request]] = []
     for target, runtime in chosen.items():
         entry: dict[str, Any] = {"target": target, "runtime": runtime}
+        document["measurements"].append(entry)
         if estimate_only or not profile.measurable:
             progress(f"estimating {model} on {profile.name} ({runtime})")
             entry |= {"status": "estimate", **estimate.estimate(model, profile, precision, batch)}
-            document["measurements"].append(entry)
             continue
         artifact, manifest = (None, None) if target == "torch" else artifact_for(model, target, precision, artifacts_dir, progress)
-        request = remote.Request(runtime, artifact, threads, runs, max_warmup, batch, model)
-        progress(f"measuring {model} on {profile.name} with {runtime}")
-        try:
-            measured = _measure(profile, request, isolate)
-        except runtimes.RuntimeUnavailable as unavailable:
-            entry |= {"status": "skipped", "reason": str(unavailable)}
-            document["measurements"].append(entry)
+        entry["artifact"] = _artifact_facts(artifact, manifest)
+        planned.append((entry, remote.Request(runtime, artifact, threads, timing.split_runs(runs, repeats), max_warmup,
+                                              batch, model)))
+    parts: dict[int, list[dict[str, Any]]] = {id(entry): [] for entry, _ in planned}
+    for repeat in range(repeats):
+        for entry, request in planned:
+            if entry.get("status") == "skipped":
+                continue
+            progress(f"measuring {model} on {profile.name} with {request.runtime}"
+                     + (f" (repeat {repeat + 1} of {repeats})" if repeats > 1 else ""))
+            try:
+                parts[id(entry)].append(_measure(profile, request, isolate))
+            except runtimes.RuntimeUnavailable as unavailable:
+                entry |= {"status": "skipped", "reason": str(unavailable)}
+                entry.pop("artifact", None)
+    for entry, request in planned:
+        if entry.get("status") == "skipped":
             continue
-        fingerprint = measured.pop("fingerprint", None)
+        fingerprint = parts[id(entry)][0].pop("fingerprint", None)
         document["device"]["fingerprint"] = document["device"]["fingerprint"] or fingerprint
         entry |= {"status": "measured", "isolated": isolate or profile.method != "local",
-                  "artifact": _artifact_facts(artifact, manifest), **measured}
+                  **_pooled(parts[id(entry)])}
         entry.setdefault("peak_rss_mb", None)  # in-process: the whole process's, not the runtime's
-        if with_layers and target in ("onnx", "executorch"):
-            progress(f"per-layer profile of {model} with {runtime}")
-            entry["layers"] = _layers(model, target, artifact, threads, min(runs, 20))
-        document["measurements"].append(entry)
+        if with_layers and entry["target"] in ("onnx", "executorch"):
+            progress(f"per-layer profile of {model} with {request.runtime}")
+            entry["layers"] = _layers(model, entry["target"], request.artifact, threads, min(runs, 20))
     if with_layers and precision in profile.peak_flops and profile.memory_bandwidth:
         document["layer_estimate_ms"] = estimate.estimate(model, profile, precision, batch)["layers_ms"]
     if not any(m["status"] != "skipped" for m in document["measurements"]):
@@ -79,6 +96,27 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
         raise EdgevitError(f"nothing could be measured on {profile.name} here ({reasons}); "
                            f"--estimate gives a roofline estimate instead")
     return document
+
+
+_TIMING_KEYS = set(timing.Timing.__dataclass_fields__)
+
+
+def _pooled(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One measurement from its repeats: the timing pooled (:func:`timing.combine`), the facts
+    of the first repeat, load time as the median, peak memory as the highest."""
+    for part in parts:
+        part.pop("fingerprint", None)
+    pooled = {k: v for k, v in parts[0].items() if k not in _TIMING_KEYS}
+    pooled |= timing.combine([{k: v for k, v in p.items() if k in _TIMING_KEYS} for p in parts])
+    for repeat, part in zip(pooled["repeats"], parts):
+        repeat |= {k: part[k] for k in ("load_ms", "peak_rss_mb") if k in part}
+        repeat["load_average"] = (part.get("settings") or {}).get("load_average")
+    if all("load_ms" in p for p in parts):
+        pooled["load_ms"] = statistics.median(p["load_ms"] for p in parts)
+    peaks = [p["peak_rss_mb"] for p in parts if p.get("peak_rss_mb")]
+    if peaks:
+        pooled["peak_rss_mb"] = max(peaks)
+    return pooled
 
 
 def _measure(profile: DeviceProfile, request: remote.Request, isolate: bool) -> dict[str, Any]:

@@ -8,6 +8,7 @@ protocol (:func:`edgevit.profile.timing.summarize`). Every call has a bounded ti
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -21,6 +22,7 @@ from edgevit.profile import runtimes, timing
 
 # The worker and what it imports: all an ssh device needs from edgevit.
 WORKER_FILES = (Path(runtimes.__file__), Path(timing.__file__))
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds edgevit/
 # Seconds for one measurement: loading, warm-up and the runs of a small model on a slow board.
 MEASURE_TIMEOUT_S = 600
 COPY_TIMEOUT_S = 300
@@ -44,9 +46,9 @@ class Request:
                 *(["--model", self.model] if self.model else [])]
 
 
-def _run(argv: list[str], timeout: float, what: str) -> subprocess.CompletedProcess:
+def _run(argv: list[str], timeout: float, what: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         raise EdgevitError(f"{what} did not finish within {timeout:g} s") from None
     except FileNotFoundError:
@@ -72,8 +74,11 @@ def measure_in_subprocess(request: Request) -> dict[str, Any]:
     """The worker in a fresh local Python: its own load time and peak memory, nothing left over
     from exporting or from the previous measurement."""
     artifact = str(request.artifact) if request.artifact else None
+    # The worker runs as a script; the torch runtime imports edgevit.models, so this checkout goes
+    # on its path (an editable install whose source moved would otherwise lose it).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
     completed = _run([sys.executable, str(WORKER_FILES[0]), *request.worker_args(artifact)],
-                     MEASURE_TIMEOUT_S, f"measuring {request.runtime} in a subprocess")
+                     MEASURE_TIMEOUT_S, f"measuring {request.runtime} in a subprocess", env)
     return _worker_result(completed, "this machine, in a subprocess")
 
 

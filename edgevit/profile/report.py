@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class Row:
     p50_ms: float
     p90_ms: float | None
     noisy: bool
+    noise: list[str] = field(default_factory=list)  # the measurement's reasons for ``noisy``
+    cpu_ms: float | None = None  # the process's CPU time per run: contention barely moves it
     ratio_to_baseline: float | None = None  # p50 / baseline p50: how many times slower than the desktop GPU
     ratio_note: str = ""  # "" both measured; "est." an estimate is involved
     top1: float | None = None
@@ -64,6 +66,7 @@ def build_rows(documents: list[dict[str, Any]], accuracy: list[dict[str, Any]] |
         Row(model=doc["model"], device=doc["device"]["name"], device_kind=doc["device"]["kind"],
             runtime=m["runtime"], target=m["target"], precision=doc["precision"], threads=m.get("threads"),
             status=m["status"], p50_ms=m["p50_ms"], p90_ms=m.get("p90_ms"), noisy=bool(m.get("noisy")),
+            noise=list(m.get("noise") or ([_OLD_NOISE] if m.get("noisy") else [])), cpu_ms=m.get("cpu_ms"),
             source=doc.get("source", ""))
         for doc in documents for m in doc["measurements"] if m["status"] != "skipped"
     ]
@@ -135,13 +138,19 @@ def _pivot(rows: list[Row]) -> tuple[list[str], list[str], dict[tuple[str, str],
 
 LEGEND = ("p50 latency at batch 1; (×N): N times the desktop GPU's p50 for the same model; "
           "~: roofline estimate, not a measurement; est.: the ratio involves an estimate; "
-          "!: noisy run (p90 > 1.5 × p50 or p50 > 1.5 × min)")
+          "!: noisy, another run need not agree (reasons below)")
+_OLD_NOISE = "spread: p90 > 1.5 × p50 or p50 > 1.5 × min"  # results written before reasons were recorded
+
+
+def noise_notes(rows: list[Row]) -> list[str]:
+    """One line per noisy measurement: which, and why it would not repeat."""
+    return [f"! {row.model} on {row.column}: " + "; ".join(row.noise) for row in rows if row.noisy]
 
 
 def table(rows: list[Row], note: str | None) -> Table:
     models, columns, cells = _pivot(rows)
     result = Table(title="p50 latency by model and device/runtime", box=box.SIMPLE_HEAD,
-                   caption=LEGEND + (f"\n{note}" if note else ""))
+                   caption="\n".join([LEGEND, *([note] if note else []), *noise_notes(rows)]), caption_justify="left")
     result.add_column("model", no_wrap=True)
     for column in columns:
         result.add_column(column, justify="right")
@@ -156,7 +165,8 @@ def markdown(rows: list[Row], note: str | None) -> str:
     for model in models:
         lines.append(f"| {model} | " + " | ".join(_cell(cells[(model, c)]) if (model, c) in cells else "–"
                                                 for c in columns) + " |")
-    return "\n".join(lines) + f"\n\n{LEGEND}." + (f"\n\n{note}." if note else "") + "\n"
+    notes = "".join(f"\n- {line}" for line in noise_notes(rows))
+    return "\n".join(lines) + f"\n\n{LEGEND}." + (f"\n\n{note}." if note else "") + (f"\n{notes}" if notes else "") + "\n"
 
 
 def to_json(rows: list[Row], note: str | None) -> str:
@@ -184,17 +194,27 @@ def plot(rows: list[Row], note: str | None, path: Path) -> Path:
             if row is None:
                 continue
             x = position - 0.4 + width * (index + 0.5)
-            bars.bar(x, row.p50_ms, width, color=colours[index % len(colours)], hatch="//" if row.status == "estimate" else None,
-                     edgecolor="black", linewidth=0.5, label=column if position == min(
-                         p for p, m in enumerate(models) if (m, column) in cells) else None)
-            if row.ratio_to_baseline is not None:
-                bars.annotate(f"×{row.ratio_to_baseline:.1f}" + (" est." if row.ratio_note else ""), (x, row.p50_ms),
-                              ha="center", va="bottom", fontsize=7)
+            bars.bar(x, row.p50_ms, width, color=colours[index % len(colours)], hatch=_hatch(row),
+                     edgecolor="black", linewidth=0.5)
+            marks = [f"×{row.ratio_to_baseline:.1f}" + (" est." if row.ratio_note else "")] if row.ratio_to_baseline is not None else []
+            marks += ["estimate"] if row.status == "estimate" else ["noisy"] if row.noisy else []
+            if marks:
+                bars.annotate("\n".join(marks), (x, row.p50_ms), ha="center", va="bottom", fontsize=7,
+                              color="firebrick" if row.noisy else "black")
     bars.set_xticks(range(len(models)), models, rotation=15)
     bars.set_ylabel("p50 latency, batch 1 (ms)")
-    bars.set_title("\n".join(textwrap.wrap("hatched: roofline estimate; ×N: times the desktop GPU's p50. " + (note or ""), 80)),
-                   fontsize=8)
-    bars.legend(fontsize=8)
+    bars.set_title("\n".join(textwrap.wrap("hatched //: roofline estimate, not a measurement; hatched xx: noisy "
+                                           "measurement (another run need not agree; see the table's reasons); "
+                                           "×N: times the desktop GPU's p50. " + (note or ""), 90)), fontsize=8)
+    from matplotlib.patches import Patch
+
+    # Plain swatches for the columns (a bar's own may be hatched), then what each hatch means.
+    handles = [Patch(facecolor=colours[index % len(colours)], edgecolor="black", label=column)
+               for index, column in enumerate(columns)]
+    handles += [Patch(facecolor="white", edgecolor="black", hatch=_hatch(kind), label=label)
+                for kind, label in (("estimate", "estimate (roofline)"), ("noisy", "noisy measurement"))
+                if any(_hatch(r) == _hatch(kind) for r in rows)]
+    bars.legend(handles=handles, fontsize=8)
     bars.grid(axis="y", alpha=0.3)
     if with_accuracy:
         scatter = axes[0][1]
@@ -216,25 +236,41 @@ def plot(rows: list[Row], note: str | None, path: Path) -> Path:
     return path
 
 
+def _hatch(row: "Row | str") -> str | None:
+    kind = row if isinstance(row, str) else "estimate" if row.status == "estimate" else "noisy" if row.noisy else ""
+    return {"estimate": "//", "noisy": "xx"}.get(kind)
+
+
 def measurement_table(document: dict[str, Any]) -> Table:
-    """The figures of one ``edgevit profile`` run, as printed after it."""
+    """The figures of one ``edgevit profile`` run, as printed after it; noisy measurements get a
+    line each under the table saying why they would not repeat."""
     device = document["device"]
     result = Table(title=f"{document['model']} on {device['name']} ({document['precision']}, batch {document['batch']})",
-                   box=box.SIMPLE_HEAD)
-    for column in ("target", "runtime", "thr", "p50", "p90", "p99", "min", "load", "1st call", "warm+runs", "peak MB"):
+                   box=box.SIMPLE_HEAD, caption_justify="left")
+    columns = ("target", "runtime", "thr", "p50", "p90", "p99", "min", "cpu/run", "repeats' p50", "load", "1st call",
+               "warm+runs", "peak MB")
+    for column in columns:
         result.add_column(column, justify="left" if column in ("target", "runtime") else "right", no_wrap=True)
     result.add_column("note")
-    result.caption = "times in ms; load: the artifact's load/compile, runtime imported; peak MB: the measuring process's"
+    captions = ["times in ms; cpu/run: the process's CPU time per run, all threads (other processes barely change it); "
+                "repeats' p50: each repeat's, in a fresh process; load: the artifact's load/compile, runtime imported; "
+                "peak MB: the measuring process's"]
+    blank = ["–"] * (len(columns) - 2)
     for m in document["measurements"]:
         if m["status"] == "skipped":
-            result.add_row(m["target"], m["runtime"], *["–"] * 9, f"skipped: {m['reason']}")
+            result.add_row(m["target"], m["runtime"], *blank, f"skipped: {m['reason']}")
         elif m["status"] == "estimate":
-            result.add_row(m["target"], m["runtime"], "–", f"~{m['p50_ms']:.2f}", *["–"] * 7,
-                           "roofline estimate from the profile's peak figures, not a measurement")
+            result.add_row(m["target"], m["runtime"], "–", f"~{m['p50_ms']:.2f}", *blank[2:],
+                           "ESTIMATE: roofline from the profile's peak figures, not a measurement")
         else:
             peak = f"{m['peak_rss_mb']:.0f}" if m.get("peak_rss_mb") else "–"
+            cpu = f"{m['cpu_ms']:.2f}" if m.get("cpu_ms") is not None else "–"
+            repeats = " ".join(f"{r['p50_ms']:.2f}" for r in m.get("repeats", [])) if len(m.get("repeats", [])) > 1 else "–"
             result.add_row(
                 m["target"], m["runtime"], str(m["threads"]), *(f"{m[k]:.2f}" for k in ("p50_ms", "p90_ms", "p99_ms", "min_ms")),
-                f"{m['load_ms']:.0f}", f"{m['first_call_ms']:.1f}", f"{m['warmup_runs']}+{m['runs']}", peak,
-                "NOISY: p90 > 1.5 × p50 or p50 > 1.5 × min: the machine was busy" if m["noisy"] else "")
+                cpu, repeats, f"{m['load_ms']:.0f}" if m.get("load_ms") is not None else "–", f"{m['first_call_ms']:.1f}",
+                f"{m['warmup_runs']}+{m['runs']}", peak, "NOISY (below)" if m["noisy"] else "")
+            if m["noisy"]:
+                captions.append(f"NOISY {m['target']} ({m['runtime']}): " + "; ".join(m.get("noise") or [_OLD_NOISE]))
+    result.caption = "\n".join(captions)
     return result

@@ -6,14 +6,18 @@ an estimate, or a skip with its reason) per target.
      "model", "precision", "batch",
      "measurements": [
        {"status": "measured", "target", "runtime", "runtime_version", "artifact": {"path", "sha256",
-        "bytes", "recipe", "verified"}, "threads", "settings" (affinity, thread counts), "isolated",
-        "load_ms", "first_call_ms", "warmup_runs", "runs", "samples_ms", "p50_ms", "p90_ms",
-        "p99_ms", "min_ms", "mean_ms", "noisy", "peak_rss_mb", "layers"?},
+        "bytes", "recipe", "verified"}, "threads", "settings" (affinity, thread counts, load average,
+        "runtime_options": e.g. onnxruntime's spinning), "isolated", "load_ms", "first_call_ms",
+        "warmup_runs", "runs", "samples_ms", "p50_ms", "p90_ms", "p99_ms", "min_ms", "mean_ms",
+        "noisy", "noise" (the reasons, one line each), "cpu_ms", "cpu_samples_ms", "switches",
+        "preempted", "others_cores", "free_cores", "repeats" (each fresh-process repeat's p50/p90/min,
+        cpu_ms, contention, load_ms, peak_rss_mb), "peak_rss_mb", "layers"?},
        {"status": "estimate", "target", "runtime", "p50_ms", "method", "flops", "bytes",
         "peak_flops", "memory_bandwidth", "layers_ms"},
        {"status": "skipped", "target", "runtime", "reason"}]}
 
-An estimate carries only ``p50_ms`` (no distribution): it is a roofline, not a run.
+An estimate carries only ``p50_ms`` (no distribution): it is a roofline, not a run. Results
+written before ``noise``/``repeats`` existed still load (a noisy flag without reasons).
 """
 from __future__ import annotations
 

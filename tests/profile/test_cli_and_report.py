@@ -23,10 +23,10 @@ def two_runs(artifacts_dir, tmp_path_factory):
         app.add_command(profile_group)
     out = tmp_path_factory.mktemp("results")
     paths = []
-    for threads in (1, 2):
+    for threads, repeats in ((1, 2), (2, 1)):  # repeats: each in a fresh process, the 10 runs split among them
         path = out / f"levit-{threads}t.json"
         assert main(["profile", "levit_128s", "--device", "host-cpu", "--targets", "onnx", "--threads", str(threads),
-                     "--artifacts", str(artifacts_dir), "--save", str(path), *FAST]) == 0
+                     "--artifacts", str(artifacts_dir), "--save", str(path), *FAST, "--repeats", str(repeats)]) == 0
         paths.append(path)
     return paths
 
@@ -40,7 +40,11 @@ def test_results_file_holds_the_protocol(two_runs):
     assert entry["artifact"]["sha256"] and entry["artifact"]["verified"] is True and entry["runtime_version"]
     for key in ("p50_ms", "p90_ms", "p99_ms", "min_ms", "load_ms", "first_call_ms", "warmup_runs", "peak_rss_mb"):
         assert entry[key] > 0, key
-    assert len(entry["samples_ms"]) == entry["runs"] == 10
+    assert len(entry["samples_ms"]) == entry["runs"] == 10 == len(entry["cpu_samples_ms"]) == len(entry["switches"])
+    assert [r["runs"] for r in entry["repeats"]] == [5, 5] and all(r["p50_ms"] > 0 and r["load_ms"] > 0 for r in entry["repeats"])
+    assert entry["cpu_ms"] > 0 and entry["noisy"] == bool(entry["noise"])
+    assert entry["settings"]["runtime_options"]["allow_spinning"] is False
+    assert len(json.loads(two_runs[1].read_text())["measurements"][0]["repeats"]) == 1
 
 
 def test_report_without_a_gpu_baseline(cli, two_runs, tmp_path):
@@ -51,6 +55,28 @@ def test_report_without_a_gpu_baseline(cli, two_runs, tmp_path):
     rows = json.loads(js.read_text())["rows"]
     assert {r["threads"] for r in rows} == {1, 2} and all(r["ratio_to_baseline"] is None for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_noisy_measurements_say_why_in_every_report(tmp_path):
+    from edgevit.profile import report
+
+    def document(device, kind, entry):
+        return {"model": "levit_128s", "precision": "fp32", "device": {"name": device, "kind": kind},
+                "measurements": [entry]}
+
+    quiet = {"status": "measured", "target": "onnx", "runtime": "onnxruntime", "threads": 2, "p50_ms": 9.0,
+             "p90_ms": 9.5, "noisy": False, "noise": []}
+    busy = {**quiet, "threads": 1, "p50_ms": 20.0, "noisy": True,
+            "noise": ["contended: other processes kept 1.60 cores busy while it ran, 1 left free by the measured threads"]}
+    legacy = {**quiet, "threads": 4, "noisy": True}  # a results file from before reasons were recorded
+    guess = {"status": "estimate", "target": "onnx", "runtime": "onnxruntime", "p50_ms": 3.0}
+    rows, note = report.build_rows([document("host-cpu", "host", e) for e in (quiet, busy, legacy)]
+                                   + [document("pixel-8", "phone", guess)])
+    assert [report._hatch(r) for r in rows] == [None, "xx", "xx", "//"]
+    text = report.markdown(rows, note)
+    assert "! levit_128s on host-cpu · onnxruntime · 1t: contended: other processes kept 1.60 cores" in text
+    assert "host-cpu · onnxruntime · 4t: spread" in text and "~3.00 ms" in text
+    assert report.plot(rows, note, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_marks_ratios_to_an_estimated_baseline(cli, two_runs, tmp_path):
@@ -114,3 +140,29 @@ def test_every_shipped_profile_loads():
     for name in names:
         profile = resolve_profile(name, None)
         assert profile.name == name and all(f.source for f in profile.peak_flops.values())
+
+
+def test_targets_take_turns_and_repeats_are_pooled(monkeypatch, tmp_path):
+    """Repeats alternate between targets (a change in load lands on both), and pool into one entry."""
+    from edgevit.profile import profiler, timing
+    from edgevit.profile.profiles import resolve_profile
+
+    manifest = {"artifact": {"sha256": "0" * 64, "bytes": 1}, "recipe": {"name": "r"}, "verification": {"passed": True}}
+    monkeypatch.setattr(profiler, "artifact_for", lambda model, target, *a: (tmp_path / f"m.{target}", manifest))
+    order, p50 = [], {"onnxruntime": iter([9.0, 5.6, 9.1]), "executorch": iter([10.0, 10.2, 10.1])}
+
+    def fake_measure(profile, request, isolate):
+        order.append(request.runtime)
+        ms = next(p50[request.runtime])
+        return {"runtime": request.runtime, "threads": request.threads, "load_ms": 50.0, "peak_rss_mb": 100.0 + len(order),
+                "settings": {"load_average": [0.1, 0.1, 0.1]}, "fingerprint": {"cpu": "x"},
+                **timing.summarize(20.0, 10, [ms] * request.runs).to_dict()}
+
+    monkeypatch.setattr(profiler, "_measure", fake_measure)
+    document = profiler.profile_model("levit_128s", resolve_profile("host-cpu", None), ["onnx", "executorch"], runs=50)
+    assert order == ["onnxruntime", "executorch"] * 3
+    ort, et = document["measurements"]
+    assert ort["runs"] == et["runs"] == 51 and len(ort["repeats"]) == 3 and et["peak_rss_mb"] == 106.0
+    assert any(r.startswith("drift: medians of repeats (fresh processes) range 5.60–9.10 ms") for r in ort["noise"])
+    assert not et["noisy"] and et["status"] == "measured" and et["artifact"]["verified"] is True
+    assert document["device"]["fingerprint"] == {"cpu": "x"}

@@ -18,11 +18,46 @@ def test_protocol_keeps_first_call_apart_and_every_run():
     assert 10 <= result.warmup_runs <= 100
 
 
+def test_protocol_records_cpu_time_and_switches_per_run():
+    result = timing.measure(lambda: sum(range(20000)), runs=30, max_warmup=10, threads=1)
+    assert len(result.cpu_samples_ms) == len(result.switches) == 30 and result.cpu_ms > 0
+    assert 0 <= result.preempted <= 1 and result.free_cores == max(0, len(timing.usable_cores()) - 1)
+
+
 def test_noise_flag_when_spread_is_high():
     samples = [1.0] * 70 + [3.0] * 30
-    assert timing.summarize(5.0, 0, samples).noisy
+    assert timing.summarize(5.0, 0, samples).noise[0].startswith("spread: p90/p50 3.00")
     assert not timing.summarize(5.0, 0, [1.0] * 100).noisy
     assert timing.summarize(5.0, 0, [1.0] + [2.0] * 99).noisy  # most runs slowed alike: contention
+
+
+def test_noise_flag_when_blocks_drift_or_others_take_the_cores():
+    drifting = [1.0] * 40 + [1.2] * 10  # the last fifth of the runs 20 % slower: p90/p50 alone misses it
+    (reason,) = timing.summarize(5.0, 0, drifting).noise
+    assert reason.startswith("drift: medians of 5 consecutive blocks of runs range 1.00–1.20 ms (20.0% > 10%)")
+    assert not timing.summarize(5.0, 0, [1.0, 1.05] * 25).noisy
+    steady = [1.0] * 50
+    (reason,) = timing.summarize(5.0, 0, steady, others_cores=0.9, free_cores=0.0, switches=[1] * 50).noise
+    assert reason.startswith("contended: other processes kept 0.90 cores busy") and "switched out of 100% of runs" in reason
+    assert not timing.summarize(5.0, 0, steady, others_cores=1.1, free_cores=1.0).noisy  # 1 thread, 1 core left free
+    # Without /proc/stat (macOS), being switched out of most runs stands in.
+    assert timing.summarize(5.0, 0, steady, switches=[1] * 30 + [0] * 20).noise[0].startswith("contended: the process")
+    assert not timing.summarize(5.0, 0, steady, switches=[1] * 5 + [0] * 45).noisy
+
+
+def test_repeats_pool_and_flag_when_they_disagree():
+    def repeat(ms, others=0.0):
+        return timing.summarize(30.0, 10, [ms] * 17, [ms] * 17, [0] * 17, others, 0.0).to_dict()
+
+    agreeing = timing.combine([repeat(9.0), repeat(9.3), repeat(9.1)])
+    assert not agreeing["noisy"] and agreeing["runs"] == 51 and agreeing["p50_ms"] == 9.1
+    assert agreeing["warmup_runs"] == 30 and [r["p50_ms"] for r in agreeing["repeats"]] == [9.0, 9.3, 9.1]
+    apart = timing.combine([repeat(9.0), repeat(5.6), repeat(9.1)])  # the levit_128s ORT 9.04 -> 5.56 case
+    assert apart["noisy"] and any(r.startswith("drift: medians of repeats (fresh processes) range 5.60–9.10 ms")
+                                  for r in apart["noise"])
+    busy_once = timing.combine([repeat(9.0), repeat(9.2, others=1.2), repeat(9.1)])
+    assert busy_once["others_cores"] == 1.2 and any(r.startswith("contended") for r in busy_once["noise"])
+    assert timing.split_runs(50, 3) == 17 and timing.split_runs(50, 1) == 50
 
 
 def test_cuda_clock_skips_cleanly_without_a_gpu():
@@ -37,7 +72,7 @@ def test_cuda_clock_skips_cleanly_without_a_gpu():
 def test_onnxruntime_in_process_records_threads_and_affinity(artifacts_dir):
     artifact = artifacts_dir / "levit_128s-onnx-fp32" / "levit_128s.onnx"
     result = runtimes.measure_artifact("onnxruntime", artifact, threads=1, runs=10, max_warmup=10)
-    assert result["threads"] == 1 and result["settings"]["affinity"]
+    assert result["threads"] == 1 and result["settings"]["affinity"] and result["free_cores"] == len(result["settings"]["affinity"]) - 1
     assert result["input_shape"] == [1, 3, 224, 224] and len(result["samples_ms"]) == 10
     assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p99_ms"]
 
@@ -45,6 +80,7 @@ def test_onnxruntime_in_process_records_threads_and_affinity(artifacts_dir):
 def test_executorch_in_a_fresh_process_reports_peak_memory(tiny_pte):
     result = measure_in_subprocess(Request("executorch", tiny_pte, threads=1, runs=10, max_warmup=10))
     assert result["runtime_version"] and result["threads"] == 1 and result["peak_rss_mb"] > 0
+    assert result["settings"]["runtime_options"] == {"threadpool_threads": 1}  # ExecuTorch's pool really resized
     assert result["load_ms"] > 0 and result["p50_ms"] > 0
 
 

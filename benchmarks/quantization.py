@@ -1,0 +1,230 @@
+"""int8 against float, measured in one run: accuracy on Fashion-MNIST and latency on this CPU.
+
+For each family's smallest size:
+
+1. **Accuracy.** Train the model (``num_classes=10``, reduced input size) on Fashion-MNIST's
+   train split, then measure top-1 on the whole test split (10 000 images) for: the float32
+   PyTorch model; static PTQ int8 (ONNX and ExecuTorch artifacts, calibrated on train images);
+   QAT int8 (PT2E fake-quant fine-tune, then the same artifacts). Every artifact goes through
+   ``edgevit quantize``'s API, so it was verified against float before it was kept.
+2. **Latency** at the model's native resolution, batch 1, same threads for all, the artifacts
+   timed in interleaved rounds (each one's best round kept): stock ONNX fp32 (plain
+   ``torch.onnx.export`` of the eval model), edgevit ONNX fp32, ONNX int8, ExecuTorch fp32 and
+   ExecuTorch int8 (random weights: latency does not depend on their values).
+
+Targets (from the quantization issue): static drop ≤ 0.5 pt, QAT drop ≤ 0.2 pt, ONNX int8 ≥ 1.5×
+faster than ONNX fp32, best int8 ≥ 3× faster than stock ONNX fp32. The table marks each.
+
+Usage: python benchmarks/quantization.py [--models a,b] [--input-size 64] [--epochs 2]
+       [--qat-epochs 0.5] [--runs 50] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from edgevit.errors import EdgevitError
+from edgevit.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+from edgevit.evaluate import evaluate
+from edgevit.export.base import quiet
+from edgevit.export.onnx import session
+from edgevit.export.pipeline import export_model
+from edgevit.models import create_model
+from edgevit.profile.timing import measure, thread_settings
+from edgevit.quant import quantize_model
+from edgevit.quant.calibration import Calibration, preprocessing_of
+from edgevit.train import fine_tune, save_trained
+
+SMALLEST = ["mobilevitv2_050", "efficientformer_l1", "levit_128s", "edgevit_xxs"]
+THREADS = 2
+STATIC_DROP, QAT_DROP, INT8_VS_FP32, BEST_VS_STOCK = 0.5, 0.2, 1.5, 3.0
+
+
+def calibration_stats(cfg, images: torch.Tensor, path: Path, source: str) -> Path:
+    """Calibration images preprocessed exactly as the model was trained (the data set's path)."""
+    summary = {"folder": source, "images": len(images), "requested": len(images), "skipped": {"count": 0},
+               "seed": 0, "preprocessing": preprocessing_of(cfg)}
+    return Calibration(inputs=images.float(), summary=summary).save(path)
+
+
+def accuracy_rows(name: str, args, work: Path, console: Console) -> dict:
+    model = create_model(name, num_classes=10, input_size=(3, args.input_size, args.input_size),
+                         crop_pct=1.0, interpolation="bilinear")
+    cfg = model.cfg
+    train = load_fashion_mnist("train", cfg, limit=args.train_limit)
+    test_top1 = {}
+    clock = time.perf_counter()
+    figures = fine_tune(model, train, epochs=args.epochs, batch_size=64, lr=args.lr, progress=False)
+    train_s = time.perf_counter() - clock
+    weights = save_trained(model, work / f"{name}-fashion-mnist.safetensors", cfg, class_names=FASHION_MNIST_CLASSES)
+    test_top1["fp32"] = evaluate(model, "fashion-mnist")["top1"]
+    console.print(f"{name}: trained {args.epochs} epochs in {train_s:.0f} s "
+                  f"(loss {figures.get('final_loss', float('nan')):.3f}); fp32 test top-1 {test_top1['fp32']:.2f} %")
+    calib_images, _ = train.batch(torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:args.calib_images])
+    stats = calibration_stats(cfg, calib_images, work / f"{name}-calibration.safetensors", "fashion-mnist train")
+    qat_result = None  # one QAT fine-tune, exported to both targets
+    for mode in ("static", "qat"):
+        for target in ("executorch", "onnx"):
+            clock = time.perf_counter()
+            try:
+                outcome = quantize_model(
+                    name, target, mode, calib_stats=stats, weights=str(weights), out_dir=work / f"{mode}-{target}",
+                    train_data="fashion-mnist" if mode == "qat" else None, train_limit=args.train_limit,
+                    qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_result=qat_result)
+            except EdgevitError as failure:  # a failed verification is a result too: report it, go on
+                console.print(f"{name}: {mode} int8 {target}: [red]{failure}[/red]")
+                test_top1[f"{mode}_{target}"] = None
+                continue
+            qat_result = outcome.qat_result or qat_result
+            top1 = evaluate(outcome.export.bundle, "fashion-mnist")["top1"]
+            test_top1[f"{mode}_{target}"] = top1
+            console.print(f"{name}: {mode} int8 {target}: top-1 {top1:.2f} % (drop {test_top1['fp32'] - top1:+.2f} pt), "
+                          f"verification cosine {outcome.export.verification['cosine']:.4f}, {time.perf_counter() - clock:.0f} s")
+    return {"input_size": args.input_size, "train_seconds": train_s, "train_figures": figures, "top1": test_top1}
+
+
+def stock_onnx(name: str, directory: Path) -> Path:
+    model = create_model(name)
+    path = directory / f"{name}-stock.onnx"
+    with quiet():
+        torch.onnx.export(model, (torch.randn(1, *model.cfg.input_size),), str(path))
+    return path
+
+
+def native_calibration(name: str, count: int, work: Path) -> Path:
+    """Fashion-MNIST images at the model's own resolution and normalisation (latency only needs
+    realistic activation ranges, not a trained model)."""
+    cfg = create_model(name).cfg
+    images, _ = load_fashion_mnist("train", cfg, limit=count).tensors()
+    return calibration_stats(cfg, images, work / f"{name}-native-calibration.safetensors", "fashion-mnist train (native size)")
+
+
+def latency_rows(name: str, args, work: Path) -> dict:
+    from edgevit.export import executorch as et_target
+
+    stats = native_calibration(name, 32, work)
+    artifacts = {
+        "stock_onnx_fp32": stock_onnx(name, work),
+        "onnx_fp32": export_model(name, "onnx", out_dir=work / "lat").artifact,
+        "pte_fp32": export_model(name, "executorch", out_dir=work / "lat").artifact,
+    }
+    for key, target in (("onnx_int8", "onnx"), ("pte_int8", "executorch")):
+        # random weights pass a looser bound: their near-uniform logits make cosine a poor judge
+        artifacts[key] = quantize_model(name, target, "static", calib_stats=stats, out_dir=work / "lat",
+                                        tolerances={"min_cosine": 0.9}).export.artifact
+    runners = {}
+    for key, path in artifacts.items():
+        if path.suffix == ".onnx":
+            sess = session(path, threads=THREADS)
+            input_name = sess.get_inputs()[0].name
+            runners[key] = (lambda s, n: lambda x: s.run(None, {n: x}))(sess, input_name)
+        else:
+            runners[key] = et_target.load_runner(path, {"backend": "xnnpack"})
+    cfg = create_model(name).cfg
+    x = load_fashion_mnist("test", cfg, limit=1).tensors()[0].numpy()
+    best: dict = {}
+    for _ in range(args.rounds):
+        for key, run in runners.items():
+            timing = measure(lambda: run(x), runs=args.runs)
+            if key not in best or timing.p50_ms < best[key].p50_ms:
+                best[key] = timing
+    return {key: timing.to_dict() for key, timing in best.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(SMALLEST))
+    parser.add_argument("--input-size", type=int, default=64, help="training/accuracy input size")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--train-limit", type=int, default=None, help="train on this many images (default all 60 000)")
+    parser.add_argument("--calib-images", type=int, default=256)
+    parser.add_argument("--qat-epochs", type=float, default=0.5)
+    parser.add_argument("--qat-lr", type=float, default=2e-5)
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    console = Console()
+    results: dict = {"threads": THREADS, "settings": thread_settings(), "args": vars(args) | {"json": str(args.json)},
+                     "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.models.split(","):
+            entry = results["models"][name] = {}
+            if not args.skip_accuracy:
+                entry["accuracy"] = accuracy_rows(name, args, work, console)
+            if not args.skip_latency:
+                with console.status(f"{name}: exporting and timing at native resolution"):
+                    entry["latency"] = latency_rows(name, args, work)
+            if args.json:  # partial results survive an interrupted run
+                args.json.write_text(json.dumps(results, indent=2, default=str))
+    console.print(_accuracy_table(results, args))
+    console.print(_latency_table(results, args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        console.print(f"saved {args.json}")
+
+
+def _mark(ok: bool) -> str:
+    return "[green]✓[/green]" if ok else "[red]✗[/red]"
+
+
+def _accuracy_table(results, args) -> Table:
+    table = Table(title=f"Fashion-MNIST test top-1 (%, 10 000 images), input {args.input_size}², trained {args.epochs} epochs")
+    for column in ("model", "fp32", "static ONNX", "static .pte", f"drop ≤ {STATIC_DROP}", "QAT ONNX", "QAT .pte", f"drop ≤ {QAT_DROP}"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, entry in results["models"].items():
+        if "accuracy" not in entry:
+            continue
+        top1 = entry["accuracy"]["top1"]
+        fp32 = top1["fp32"]
+
+        def cell(key):
+            return "failed" if top1[key] is None else f"{top1[key]:.2f}"
+
+        def worst_drop(mode, bound):
+            values = [top1[f"{mode}_{t}"] for t in ("onnx", "executorch")]
+            if None in values:
+                return f"— {_mark(False)}"
+            drop = fp32 - min(values)
+            return f"{drop:+.2f} {_mark(drop <= bound)}"
+
+        table.add_row(name, f"{fp32:.2f}", cell("static_onnx"), cell("static_executorch"), worst_drop("static", STATIC_DROP),
+                      cell("qat_onnx"), cell("qat_executorch"), worst_drop("qat", QAT_DROP))
+    return table
+
+
+def _latency_table(results, args) -> Table:
+    table = Table(title=f"p50 latency (ms), native resolution, batch 1, {THREADS} threads, "
+                        f"{args.runs} runs, best of {args.rounds} interleaved rounds")
+    columns = ("stock_onnx_fp32", "onnx_fp32", "onnx_int8", "pte_fp32", "pte_int8")
+    for column in ("model", "stock ONNX fp32", "ONNX fp32", "ONNX int8", ".pte fp32", ".pte int8",
+                   f"ONNX int8 vs fp32 (≥ {INT8_VS_FP32}×)", f"best int8 vs stock (≥ {BEST_VS_STOCK}×)"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, entry in results["models"].items():
+        if "latency" not in entry:
+            continue
+        p50 = {k: entry["latency"][k]["p50_ms"] for k in columns}
+        noisy = {k for k in columns if entry["latency"][k].get("noisy")}
+        speedup = p50["onnx_fp32"] / p50["onnx_int8"]
+        best = p50["stock_onnx_fp32"] / min(p50["onnx_int8"], p50["pte_int8"])
+        table.add_row(name, *(f"{p50[k]:.2f}" + (" (noisy)" if k in noisy else "") for k in columns),
+                      f"{speedup:.2f}× {_mark(speedup >= INT8_VS_FP32)}", f"{best:.2f}× {_mark(best >= BEST_VS_STOCK)}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,485 @@
+"""TensorRT target: the ONNX TensorRT should consume for a precision, verified in onnxruntime
+wherever edgevit runs, and — where ``import tensorrt`` works and torch sees a CUDA GPU — the
+serialized engine built from it, verified on that GPU.
+
+The precision lives in the ONNX, so one file serves TensorRT 10 (Jetsons; strongly typed
+network) and 11 (no FP16/INT8 builder flags, strongly typed only):
+
+- fp32: the ONNX target's graph (TorchScript exporter, onnxslim);
+- fp16: float16 weights and compute with float32 inputs/outputs and explicit Casts; norms,
+  softmax, reductions and pow/sqrt stay float32, and so does every op whose float32 values on
+  the export sample come within a factor 2 of float16's range (the range pre-check);
+- int8: explicit Q/DQ placed the way TensorRT fuses them (:mod:`edgevit.quant.tensorrt_qdq`),
+  activation scales from onnxruntime's calibrators on the spec's calibration images, float32
+  between them. TensorRT has no dynamic quantization: modes static and qat only.
+
+The bundle holds ``MODEL.onnx`` (what TensorRT consumes) and ``build-engine.sh`` (the trtexec
+line that builds the same engine). With TensorRT and a GPU, also ``MODEL.engine`` (the
+artifact), ``MODEL.engine.json`` (the GPU, compute capability and TensorRT version it was built
+for) and ``MODEL.timing.cache``. Without them the artifact is the ONNX: :func:`load_runner`
+raises :class:`RuntimeUnavailable` and :func:`precheck` runs the ONNX in onnxruntime on the CPU,
+which the verification's check name says.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import platform
+import re
+import shlex
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgevit.errors import EdgevitError
+from edgevit.export import onnx as onnx_target
+from edgevit.export.base import ExportResult, PrecheckResult, RuntimeUnavailable, quiet, run_in_chunks
+
+INPUT_NAME, OUTPUT_NAME = onnx_target.INPUT_NAME, onnx_target.OUTPUT_NAME
+BUILD_SCRIPT = "build-engine.sh"
+# Kept float32 in the fp16 graph whatever the pre-check finds: norms (InstanceNormalization is
+# what torch.onnx writes for GroupNorm), softmax and the reductions of decomposed norms. Unlike the
+# ONNX target, GELU's Erf computes in float16: it saturates instead of overflowing, and a float32
+# island there would put Casts inside every conv+GELU TensorRT fuses.
+FP16_KEEP_FLOAT32 = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax",
+                     "ReduceMean", "ReduceSum", "Pow", "Sqrt")
+FP16_MAX = float(np.finfo(np.float16).max)
+FP16_HEADROOM = 2.0  # values within this factor of float16's range on the sample keep their ops float32
+
+# The TensorRT-ready ONNX written for each deploy model, for precheck() (the pipeline hands the
+# same model to export() and then to precheck()).
+_EXPORTED_ONNX: "weakref.WeakKeyDictionary[nn.Module, Path]" = weakref.WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------------------------------- export
+
+def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path,
+           quant=None) -> ExportResult:
+    import onnx
+
+    _check_batch_options(options)
+    if precision == "int8":
+        _check_quant(quant)
+    name = model.cfg.name
+    fp32 = onnx_target.export(model, example, "fp32", _onnx_options(options), out_dir)
+    path = fp32.path
+    details: dict[str, Any] = {"exporter": "torchscript", "opset": options["opset"],
+                               "dynamic_batch": options["dynamic_batch"], "io_dtype": "float32"}
+    if precision == "fp16":
+        graph, kept = to_float16(onnx.load(str(path)), example.numpy())
+        details["float16"] = kept
+    elif precision == "int8":
+        graph, details["int8"] = _quantize(model, path, quant, options)
+    else:
+        graph = onnx.load(str(path))
+    if precision != "fp32":
+        onnx.checker.check_model(graph, full_check=True)
+        onnx.save(graph, str(path))
+    ops = collections.Counter(node.op_type for node in graph.graph.node)
+    details |= {"nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items()))}
+    _EXPORTED_ONNX[model] = path
+
+    files = engine_files(name)
+    command = trtexec_command(path.name, files["engine"], files["timing_cache"], tuple(example.shape[1:]), precision,
+                              options)
+    script = out_dir / BUILD_SCRIPT
+    script.write_text("#!/bin/sh\n# Builds the TensorRT engine edgevit would build from this ONNX (TensorRT >= 10).\n"
+                      f'cd "$(dirname "$0")" && exec {shlex.join(command)}\n')
+    script.chmod(0o755)
+    tensorrt: dict[str, Any] = {"consumes": path.name, "trtexec": shlex.join(command), "trtexec_script": BUILD_SCRIPT}
+    artifact = path
+    unavailable = tensorrt_unavailable_reason()
+    if unavailable:
+        tensorrt["engine"] = {"built": False, "reason": unavailable}
+        tensorrt["exercised"] = ("the ONNX TensorRT consumes, run in onnxruntime (CPU) against PyTorch; no engine "
+                                 f"was built or run ({unavailable}); {BUILD_SCRIPT} builds it where TensorRT is")
+    else:
+        tensorrt["engine"] = build_engine(path, out_dir, precision, options)
+        tensorrt["exercised"] = "engine built here and run on this GPU against PyTorch"
+        artifact = out_dir / files["engine"]
+    details["tensorrt"] = tensorrt
+    return ExportResult(artifact, details)
+
+
+def _onnx_options(options: dict[str, Any]) -> dict[str, Any]:
+    # TorchScript exporter: its node names carry module paths, which float_modules resolves against.
+    return {"opset": options["opset"], "dynamic_batch": options["dynamic_batch"], "exporter": "torchscript",
+            "simplify": True, "fp16_io": False}
+
+
+def _check_batch_options(options: dict[str, Any]) -> None:
+    if options["dynamic_batch"] and options["opt_batch"] > options["max_batch"]:
+        raise EdgevitError(f"--opt-batch {options['opt_batch']} is larger than --max-batch {options['max_batch']}; "
+                           "TensorRT's optimisation profile needs 1 <= opt <= max")
+
+
+def _check_quant(quant) -> None:
+    if quant is None:
+        raise EdgevitError("TensorRT int8 needs a quantization spec: use a recipe with a [quantization] table "
+                           "(e.g. --recipe tensorrt-int8) and calibration images (--calib-data DIR)")
+    if quant.mode == "dynamic":
+        raise EdgevitError("TensorRT has no dynamic quantization (int8 comes from calibrated Q/DQ nodes); "
+                           "use quantization mode static or qat")
+
+
+def _quantize(model: nn.Module, fp32_path: Path, quant, options: dict[str, Any]):
+    from edgevit.quant import tensorrt_qdq
+
+    static_batch = None if options["dynamic_batch"] else 1
+    graph, placement = tensorrt_qdq.quantize_for_tensorrt(fp32_path, quant, quant.float_module_names(model),
+                                                          INPUT_NAME, static_batch)
+    rules = collections.Counter(q.rule for q in placement.inputs)
+    return graph, {
+        "placement": "TensorRT explicit quantization (edgevit.quant.tensorrt_qdq): Q/DQ on weighted-op inputs and "
+                     "per-channel weights, residual adds quantized on the skip input only",
+        "calibration_method": quant.method, "calibration_images": int(len(quant.calibration)),
+        "quantized_inputs_by_rule": dict(sorted(rules.items())),
+        "weighted_ops_quantized": len(placement.weights),
+        "weighted_ops_kept_float": placement.float_weighted,
+        **tensorrt_qdq.qdq_counts(graph),
+    }
+
+
+# ----------------------------------------------------------------------------------------- fp16
+
+def to_float16(graph, sample: np.ndarray) -> tuple[Any, dict[str, Any]]:
+    """``graph`` (float32) in float16 for a strongly typed TensorRT network: float32 I/O, Casts
+    at every float16/float32 boundary, :data:`FP16_KEEP_FLOAT32` ops and the ops the range
+    pre-check flags on ``sample`` left in float32. Returns the graph and what was kept."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    risks = float16_range_risks(graph, sample)
+    with quiet():
+        converted = convert_float_to_float16(graph, keep_io_types=True, op_block_list=list(FP16_KEEP_FLOAT32),
+                                             node_block_list=sorted(risks))
+    round_trips = _drop_float16_round_trips(converted)
+    onnx_target._repair_node_order(converted.graph)
+    kept = collections.Counter(n.op_type for n in graph.graph.node if n.op_type in FP16_KEEP_FLOAT32)
+    return converted, {
+        "kept_float32_op_types": dict(sorted(kept.items())),
+        "kept_float32_for_range": {name: round(peak, 1) for name, peak in sorted(risks.items())},
+        "range_precheck": f"float32 values on {len(sample)} sample(s) within {FP16_HEADROOM:g}x of float16's "
+                          f"{FP16_MAX:g} keep their producing and consuming ops in float32",
+        "casts": sum(1 for n in converted.graph.node if n.op_type == "Cast"),
+        "float16_round_trips_removed": round_trips,
+    }
+
+
+def _drop_float16_round_trips(model) -> int:
+    """Bypass Cast(float16) → Cast(float32) pairs on float32 tensors: the converter puts one
+    between two ops it keeps in float32, which would overflow exactly the values they were kept
+    for. Returns how many float32 consumers now read the float32 tensor directly."""
+    import onnx
+
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    bypassed: dict[str, str] = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if cast_to(node) == onnx.TensorProto.FLOAT else None
+        if first is not None and cast_to(first) == onnx.TensorProto.FLOAT16 and types.get(first.input[0]) == onnx.TensorProto.FLOAT:
+            bypassed[node.output[0]] = first.input[0]
+    if not bypassed:
+        return 0
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        node.input[:] = [bypassed.get(name, name) for name in node.input]
+    # Casts nothing reads any more (graph outputs excepted) go.
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
+        if not dead:
+            return len(bypassed)
+        for node in dead:
+            graph.node.remove(node)
+
+
+def float16_range_risks(graph, sample: np.ndarray) -> dict[str, float]:
+    """Nodes that would overflow float16: every producer and consumer of a float32 tensor whose
+    largest magnitude on ``sample`` exceeds float16's range divided by :data:`FP16_HEADROOM`."""
+    import onnx
+    import onnxruntime as ort
+
+    inferred = onnx.shape_inference.infer_shapes(graph)
+    float_values = {v.name: v for v in inferred.graph.value_info
+                    if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(inferred)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(v for name, v in float_values.items() if name not in existing)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    peaks: dict[str, float] = collections.defaultdict(float)
+    static = session.get_inputs()[0].shape[0]
+    size = static if isinstance(static, int) else len(sample)
+    for start in range(0, len(sample) - size + 1, size):
+        for tensor, value in zip(names, session.run(None, {INPUT_NAME: sample[start:start + size].astype(np.float32)})):
+            if value.size and np.issubdtype(value.dtype, np.floating):
+                peaks[tensor] = max(peaks[tensor], float(np.abs(value).max()))
+    hot = {t for t, peak in peaks.items() if peak > FP16_MAX / FP16_HEADROOM}
+    risks: dict[str, float] = {}
+    for node in graph.graph.node:
+        touched = [peaks[t] for t in (*node.input, *node.output) if t in hot]
+        if touched:
+            risks[node.name] = max(touched)
+    return risks
+
+
+# ------------------------------------------------------------------------------------- trtexec
+
+def engine_files(model_name: str) -> dict[str, str]:
+    return {"engine": f"{model_name}.engine", "metadata": f"{model_name}.engine.json",
+            "timing_cache": f"{model_name}.timing.cache"}
+
+
+def profile_shapes(sample_shape: tuple[int, ...], options: dict[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """min/opt/max input shapes of the optimisation profile (None: static batch)."""
+    if not options["dynamic_batch"]:
+        return None
+    return {"min": (1, *sample_shape), "opt": (options["opt_batch"], *sample_shape),
+            "max": (options["max_batch"], *sample_shape)}
+
+
+def trtexec_command(onnx_file: str, engine_file: str, cache_file: str, sample_shape: tuple[int, ...],
+                    precision: str, options: dict[str, Any]) -> list[str]:
+    """trtexec arguments that build the engine :func:`build_engine` builds (TensorRT >= 10;
+    --stronglyTyped is the default and a no-op on 11): precision comes from the ONNX, so no
+    --fp16/--int8; fp32 turns TF32 off. Paths are relative to the bundle folder."""
+    command = ["trtexec", f"--onnx={onnx_file}", f"--saveEngine={engine_file}", "--stronglyTyped",
+               f"--memPoolSize=workspace:{options['workspace_mb']}M", f"--timingCacheFile={cache_file}"]
+    if precision == "fp32":
+        command.append("--noTF32")
+    shapes = profile_shapes(sample_shape, options)
+    if shapes:
+        command += [f"--{which}Shapes={INPUT_NAME}:{'x'.join(map(str, shape))}" for which, shape in shapes.items()]
+    return [*command, "--skipInference"]
+
+
+# --------------------------------------------------------------------------------- engine build
+
+def tensorrt_unavailable_reason() -> str | None:
+    """Why no engine can be built or run here (None: TensorRT and a CUDA GPU are there)."""
+    try:
+        _tensorrt()
+    except ImportError as exc:
+        return "TensorRT is not installed here" if exc.name == "tensorrt" else f"TensorRT cannot load here ({exc})"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU here"
+    return None
+
+
+def _tensorrt():
+    import tensorrt
+
+    return tensorrt
+
+
+def gpu_facts() -> dict[str, str]:
+    """What an engine is tied to: the GPU architecture and the TensorRT version."""
+    major, minor = torch.cuda.get_device_capability()
+    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+            "tensorrt": _tensorrt().__version__}
+
+
+def default_timing_cache(facts: dict[str, str]) -> Path:
+    """One timing cache per GPU model and TensorRT version, shared by every export on the machine."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", facts["gpu"]).strip("-").lower()
+    return (Path.home() / ".cache" / "edgevit" / "tensorrt" /
+            f"timing-{slug}-sm{facts['compute_capability'].replace('.', '')}-trt{facts['tensorrt']}.cache")
+
+
+def build_engine(onnx_path: Path, out_dir: Path, precision: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Parse ``onnx_path`` and build a serialized engine beside it with the TensorRT Python API
+    (the same settings as :func:`trtexec_command`); returns the engine's manifest facts."""
+    trt = _tensorrt()
+    facts = gpu_facts()
+    files = engine_files(onnx_path.stem)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    creation = trt.NetworkDefinitionCreationFlag
+    # TensorRT >= 10: precision comes from the graph's types (11 accepts the flag and ignores it).
+    strongly_typed = hasattr(creation, "STRONGLY_TYPED")
+    flags = 1 << int(creation.STRONGLY_TYPED) if strongly_typed else 1 << int(creation.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgevitError(f"TensorRT {facts['tensorrt']} cannot parse {onnx_path.name}: {errors}; "
+                           f"export with another --opset or report the op it names")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options["workspace_mb"] << 20)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TensorRT's default TF32 convolutions/matmuls are not fp32
+    if not strongly_typed:  # TensorRT < 10: weak typing, precision from builder flags
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+    shapes = profile_shapes(tuple(network.get_input(0).shape)[1:], options)
+    if shapes:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(network.get_input(0).name, shapes["min"], shapes["opt"], shapes["max"])
+        config.add_optimization_profile(profile)
+    shared_cache = Path(options["timing_cache"]).expanduser() if options["timing_cache"] else default_timing_cache(facts)
+    cache = config.create_timing_cache(shared_cache.read_bytes() if shared_cache.is_file() else b"")
+    if not config.set_timing_cache(cache, False):
+        raise EdgevitError(f"timing cache {shared_cache} was made with another GPU or TensorRT version; "
+                           "delete it or give --timing-cache another file")
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise EdgevitError(f"TensorRT {facts['tensorrt']} failed to build an engine from {onnx_path.name} on "
+                           f"{facts['gpu']}; rerun build-engine.sh with --verbose to see why")
+    with open(out_dir / files["engine"], "wb") as f:
+        f.write(serialized)
+    timing = bytes(config.get_timing_cache().serialize())
+    (out_dir / files["timing_cache"]).write_bytes(timing)
+    shared_cache.parent.mkdir(parents=True, exist_ok=True)
+    shared_cache.write_bytes(timing)
+    built = {**facts, "precision": precision, "strongly_typed": strongly_typed, "workspace_mb": options["workspace_mb"],
+             "input": INPUT_NAME, "profile": {k: list(v) for k, v in shapes.items()} if shapes else None}
+    (out_dir / files["metadata"]).write_text(json.dumps(built, indent=2) + "\n")
+    return {"built": True, "file": files["engine"], **built, "timing_cache": files["timing_cache"],
+            "shared_timing_cache": str(shared_cache), "build_seconds": round(seconds, 2), "host": platform.node()}
+
+
+# -------------------------------------------------------------------------------------- runtime
+
+def engine_mismatch(built_for: dict[str, str], here: dict[str, str]) -> str | None:
+    """Why an engine built for ``built_for`` cannot run ``here`` (None: it can). Engines are
+    tied to the GPU architecture (compute capability) and the exact TensorRT version."""
+    differences = [f"{what} {built_for[key]} (here {here[key]})"
+                   for key, what in (("compute_capability", "compute capability"), ("tensorrt", "TensorRT"))
+                   if built_for.get(key) != here.get(key)]
+    if not differences:
+        return None
+    return (f"was built for {built_for.get('gpu', 'another GPU')} with {', '.join(differences)}; "
+            f"an engine runs only on the GPU architecture and TensorRT version that built it: rebuild it here "
+            f"with {BUILD_SCRIPT} (trtexec) or edgevit export --target tensorrt")
+
+
+class EngineRunner:
+    """A deserialized engine that runs float32 NCHW batches on a CUDA stream through torch tensors.
+
+    ``run(x)`` takes and returns CUDA tensors; it orders itself after the current stream's work
+    and makes the current stream wait for it, so CUDA events recorded around a call on the
+    current stream (``edgevit.profile.timing.cuda_event_clock``) time the engine itself."""
+
+    def __init__(self, engine_path: Path) -> None:
+        trt = _tensorrt()
+        engine_path = Path(engine_path)
+        metadata = engine_path.with_name(engine_path.name + ".json")
+        if not metadata.is_file():
+            raise EdgevitError(f"{metadata.name} is missing beside {engine_path.name}: edgevit cannot tell which GPU and "
+                               f"TensorRT version built the engine; rebuild it with {BUILD_SCRIPT} or edgevit export")
+        built_for = json.loads(metadata.read_text())
+        mismatch = engine_mismatch(built_for, gpu_facts())
+        if mismatch:
+            raise EdgevitError(f"TensorRT engine {engine_path.name} {mismatch}")
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise EdgevitError(f"TensorRT {trt.__version__} could not load {engine_path.name}; rebuild it with {BUILD_SCRIPT}")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        self.sample_shape = shape[1:]
+        # Largest batch one call takes: the profile's max, or the static batch.
+        self.max_batch = (self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0] if shape[0] == -1 else shape[0])
+        self.stream = torch.cuda.Stream()
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device="cuda", dtype=self.input_dtype).contiguous()
+        self.context.set_input_shape(self.input_name, tuple(x.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype, device="cuda")
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        current = torch.cuda.current_stream()
+        self.stream.wait_stream(current)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise EdgevitError("TensorRT failed to enqueue the engine (see TensorRT's log above)")
+        current.wait_stream(self.stream)
+        return out
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """The verification runner: a float32 NCHW numpy batch in, float32 logits out."""
+        run_chunk = lambda chunk: self.run(torch.from_numpy(np.ascontiguousarray(chunk))).float().cpu().numpy()  # noqa: E731
+        return run_in_chunks(run_chunk, batch, self.max_batch)
+
+    def bind(self, batch: int = 1) -> Callable[[], torch.Tensor]:
+        """One timed inference for the profiler: a fixed random batch already on the GPU."""
+        if batch > self.max_batch:
+            raise EdgevitError(f"the engine takes at most batch {self.max_batch}; export with --dynamic-batch "
+                               f"--max-batch {batch}")
+        x = torch.randn((batch, *self.sample_shape), generator=torch.Generator().manual_seed(0)).cuda()
+        return lambda: self.run(x)
+
+    def latency_ms(self, batch: int = 1, runs: int = 50):
+        """The timing protocol (edgevit.profile.timing) with CUDA events."""
+        from edgevit.profile import timing
+
+        return timing.measure(self.bind(batch), runs=runs, clock=timing.cuda_event_clock)
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}.get(dtype, torch.float32)
+
+
+def load_engine(engine_path: Path) -> EngineRunner:
+    reason = tensorrt_unavailable_reason()
+    if reason:
+        raise RuntimeUnavailable(reason)
+    return EngineRunner(engine_path)
+
+
+def load_runner(path: Path, options: dict[str, Any]) -> EngineRunner:
+    """The engine on this GPU; for a bundle without one (its artifact is the ONNX) raises
+    :class:`RuntimeUnavailable`, and :func:`precheck` runs that ONNX in onnxruntime instead."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        reason = tensorrt_unavailable_reason() or "no engine was built for this ONNX"
+        raise RuntimeUnavailable(f"no TensorRT engine: {reason}; {BUILD_SCRIPT} builds it with trtexec")
+    return load_engine(path)
+
+
+def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> PrecheckResult:
+    """The TensorRT-ready ONNX that export() wrote for ``model``, run in onnxruntime on the CPU,
+    against the deploy model in PyTorch."""
+    import onnxruntime as ort
+
+    path = _EXPORTED_ONNX.get(model)
+    if path is None or not path.is_file():
+        raise EdgevitError("the TensorRT pre-check runs the ONNX export() wrote for this model in this process; export first")
+    run = onnx_target.load_runner(path, {})
+    candidate = run(example.numpy())
+    with torch.no_grad():
+        reference = model(example).numpy()
+    form = {"fp32": "float32", "fp16": "float16 compute, float32 I/O",
+            "int8": "Q/DQ int8, simulated in float by onnxruntime"}[precision]
+    return PrecheckResult(
+        name=f"TensorRT-ready ONNX ({form}) in onnxruntime {ort.__version__} (CPU)",
+        reference=reference, candidate=candidate,
+        notes=["TensorRT builds its engine from this ONNX; the engine's own kernels (tactics, accumulation, fusions) "
+               "were not run here",
+               f"reference: the deploy model in PyTorch (float32); {path.name} is the file to build from"],
+    )

@@ -1,0 +1,65 @@
+"""ViT-aware quantization defaults, one place per family.
+
+What stays float, and why:
+- the first convolution sees raw normalised pixels, and the classifier's logits are what top-1
+  reads: both are small and the most sensitive layers in every family;
+- LayerNorm / GroupNorm and softmax have no int8 kernels worth their accuracy cost on the
+  targets here, and their inputs have outlier channels (norm) or tiny probabilities (softmax)
+  that one int8 scale cannot hold;
+- LeViT and EfficientFormer add a learned position bias to the attention logits: quantizing the
+  sum with the logits' scale erases the bias's fine structure.
+A recipe's ``[quantization]`` table replaces ``float_ops`` and extends ``float_modules``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edgevit.errors import EdgevitError
+
+
+@dataclass(frozen=True)
+class FamilyQuantDefaults:
+    float_ops: tuple[str, ...]
+    float_modules: tuple[str, ...]  # fnmatch patterns over deploy-model module names
+    notes: str = ""
+
+
+_COMMON_FLOAT_OPS = ("norm", "softmax", "attention_bias_add")
+
+FAMILY_DEFAULTS: dict[str, FamilyQuantDefaults] = {
+    "mobilevitv2": FamilyQuantDefaults(
+        float_ops=("norm", "softmax"),
+        float_modules=("stem.conv", "head.fc"),
+        notes="GroupNorm(1) before each linear attention; context-score softmax over tokens."),
+    "efficientformer": FamilyQuantDefaults(
+        float_ops=_COMMON_FLOAT_OPS,
+        float_modules=("stem.0", "head"),
+        notes="Pooling mixer blocks are conv-only; the last stage's attention carries a position bias."),
+    "levit": FamilyQuantDefaults(
+        float_ops=_COMMON_FLOAT_OPS,
+        float_modules=("stem.conv1", "head"),
+        notes="Every linear is followed by a fused BatchNorm; the merged distillation head stays float "
+              "(an int8 head collapsed stock LeViT to two distinct outputs on XNNPACK)."),
+    "edgevit": FamilyQuantDefaults(
+        float_ops=("norm", "softmax"),
+        float_modules=("patch_embed1.proj", "head"),
+        notes="Local-Global-Local: depthwise local aggregation, sparse global attention, transposed-conv propagation."),
+}
+
+
+def family_defaults(family: str) -> FamilyQuantDefaults:
+    try:
+        return FAMILY_DEFAULTS[family]
+    except KeyError:
+        raise EdgevitError(f"no quantization defaults for family {family!r}") from None
+
+
+def quant_settings(family: str, table: dict[str, Any]) -> dict[str, Any]:
+    """The QuantSpec fields for ``family`` under a recipe's ``[quantization]`` table."""
+    defaults = family_defaults(family)
+    float_ops = tuple(table["float_ops"]) if "float_ops" in table else defaults.float_ops
+    extra_modules = tuple(m for m in table.get("float_modules", ()) if m not in defaults.float_modules)
+    return {"mode": table["mode"], "method": table.get("method", "minmax"),
+            "per_channel": table.get("per_channel", True), "float_ops": float_ops,
+            "float_modules": defaults.float_modules + extra_modules}

@@ -1,0 +1,74 @@
+"""What a target receives when it is asked for an int8 artifact.
+
+The pipeline builds one :class:`QuantSpec` from the recipe's ``[quantization]`` table, the
+family's ViT-aware defaults (``edgevit.quant.recipes``) and the calibration sample, and hands it
+to the target's ``export(..., quant=spec)``. Each target translates it to its own tool:
+onnxruntime's quantizer, PT2E's XNNPACK quantizer, coremltools, TensorRT's Q/DQ placement.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgevit.errors import EdgevitError
+
+MODES = ("dynamic", "static", "qat")
+METHODS = ("minmax", "percentile", "entropy")  # how activation ranges are chosen from calibration
+
+# Op kinds a recipe may keep in float. Each target maps a kind to its own graph's ops:
+#   norm                LayerNorm / GroupNorm (and any BatchNorm left after fusion)
+#   softmax             attention (and MobileViT's context-score) softmax
+#   activation          GELU / Hardswish / SiLU
+#   residual_add        the add of a block's input to its branch output
+#   attention_bias_add  the add of LeViT/EfficientFormer's learned position bias to attention logits
+#   attention_matmul    activation × activation products (q·kᵀ, attn·v, MobileViT's context)
+#   pooling             average pooling / token means
+OP_KINDS = ("norm", "softmax", "activation", "residual_add", "attention_bias_add", "attention_matmul", "pooling")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    mode: str
+    method: str = "minmax"
+    per_channel: bool = True  # per-output-channel weight scales
+    float_ops: tuple[str, ...] = ()  # OP_KINDS kept in float
+    float_modules: tuple[str, ...] = ()  # fnmatch patterns over the deploy model's module names kept in float
+    calibration: torch.Tensor | None = field(default=None, compare=False)  # preprocessed NCHW float32 sample
+    calibration_summary: dict[str, Any] = field(default_factory=dict, compare=False)
+    # mode "qat": the fine-tuned model after PT2E convert (targets that consume PT2E graphs lower it
+    # as is; the others quantize the fine-tuned float weights with the same calibration sample).
+    qat_model: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise EdgevitError(f"unknown quantization mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.method not in METHODS:
+            raise EdgevitError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        unknown = set(self.float_ops) - set(OP_KINDS)
+        if unknown:
+            raise EdgevitError(f"unknown float op kinds {', '.join(sorted(unknown))}; known: {', '.join(OP_KINDS)}")
+        if self.mode in ("static", "qat") and self.calibration is None:
+            raise EdgevitError(f"{self.mode} quantization needs calibration images: give --calib-data DIR or --calib-stats FILE")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode != "dynamic"
+
+    def float_module_names(self, model: nn.Module) -> list[str]:
+        """The model's module names (leaves and containers) matched by ``float_modules``."""
+        names = [name for name, _ in model.named_modules() if name]
+        return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.float_modules)]
+
+    def with_changes(self, **changes: Any) -> "QuantSpec":
+        import dataclasses
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> dict[str, Any]:
+        """For the manifest."""
+        return {"mode": self.mode, "method": self.method if self.needs_calibration else None,
+                "per_channel": self.per_channel, "float_ops": list(self.float_ops),
+                "float_modules": list(self.float_modules), "calibration": self.calibration_summary or None}

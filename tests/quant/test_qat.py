@@ -1,0 +1,98 @@
+"""QAT with PT2E: a small model trained for a few steps on Fashion-MNIST is fine-tuned with fake
+quantization, converted at batch 1, and lowered to a fully delegated .pte and a W8A8 Core ML
+program; the fine-tuned float weights come back under the deploy model's own names."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install -e '.[executorch]')")
+
+from edgevit.data.fashion_mnist import data_dir, load_fashion_mnist  # noqa: E402
+from edgevit.errors import EdgevitError  # noqa: E402
+from edgevit.export import coreml, executorch  # noqa: E402
+from edgevit.export.pipeline import compare_outputs  # noqa: E402
+from edgevit.quant.qat import run_qat  # noqa: E402
+from edgevit.quant.spec import QuantSpec  # noqa: E402
+from edgevit.train import fine_tune  # noqa: E402
+from tests.quant.test_pt2e import COREML, XNNPACK, _TinyViT  # noqa: E402
+
+if not (data_dir() / "train-images-idx3-ubyte.gz").is_file():
+    pytest.skip(f"Fashion-MNIST not found in {data_dir()} (apt-get install dataset-fashion-mnist)", allow_module_level=True)
+
+
+def _trained_model():
+    torch.manual_seed(0)
+    model = _GroupNormViT()
+    train = load_fashion_mnist("train", model.cfg, limit=2048)
+    fine_tune(model, train, steps=120, batch_size=64, lr=3e-3, progress=False)
+    return model.eval().requires_grad_(False), train
+
+
+class _GroupNormViT(_TinyViT):
+    """The tiny ViT with MobileViT v2's one-group GroupNorm after the stem (its decomposed form
+    for XNNPACK stores the affine vectors as (C, 1, 1), the deploy model as (C,))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(self.stem, nn.GroupNorm(1, 32))
+
+
+@pytest.fixture(scope="module")
+def qat_result():
+    model, train = _trained_model()
+    calibration = train.batch(list(range(16)))[0]
+    spec = QuantSpec(mode="qat", calibration=calibration, float_ops=("norm", "softmax"), float_modules=("head",))
+    result = run_qat(model, train, calibration, spec, steps=8, batch_size=32, lr=1e-4)
+    return model, spec.with_changes(qat_model=result.converted_model), result
+
+
+def test_qat_trains_and_gives_back_the_fine_tuned_float_weights(qat_result):
+    model, _spec, result = qat_result
+    figures = result.figures
+    assert figures["training"]["steps"] == 8 and figures["training"]["batch_size"] == 32
+    assert figures["quantization"]["mode"] == "qat" and "fake-quantized" in figures["quantization"]["activations"]
+    float_model = result.fine_tuned_float_model
+    assert type(float_model) is type(model) and isinstance(float_model.stem[1], nn.GroupNorm)
+    before, after = model.state_dict(), float_model.state_dict()
+    assert before.keys() == after.keys()
+    assert after["stem.1.weight"].shape == (32,)  # GroupNorm's own shape, not the decomposed (32, 1, 1)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "qkv.weight" in moved and "stem.1.weight" in moved and "head.weight" in moved
+
+
+def test_qat_model_lowers_to_a_delegated_pte_that_agrees_with_its_float_model(qat_result, tmp_path):
+    _model, spec, result = qat_result
+    test = load_fashion_mnist("test", result.fine_tuned_float_model.cfg, limit=64)
+    images, labels = test.batch(list(range(64)))
+    artifact = executorch.export(result.fine_tuned_float_model, images[:1], "int8", XNNPACK, tmp_path, quant=spec)
+    details = artifact.details
+    assert details["delegated_share"] == 1.0 and details["delegated_subgraphs"] == 1
+    assert details["quantization"]["mode"] == "qat" and details["quantization"]["pt2e_ops"]["quantize_per_tensor"] > 0
+    with torch.no_grad():
+        expected = result.fine_tuned_float_model(images)
+    got = executorch.load_runner(artifact.path, XNNPACK)(images.numpy())
+    figures = compare_outputs(expected.numpy(), got)
+    # Measured: cosine 0.9998, top-1 agreement 1.0; 38 of 64 right in float and in int8.
+    assert figures["cosine"] > 0.99 and figures["top1_agreement"] >= 0.95, figures
+    float_correct = int((expected.argmax(1) == labels).sum())
+    int8_correct = int((torch.from_numpy(got).argmax(1) == labels).sum())
+    assert float_correct >= 28 and abs(int8_correct - float_correct) <= 4  # it learned; int8 keeps it
+
+
+def test_qat_model_converts_to_a_w8a8_coreml_program(qat_result, tmp_path):
+    _model, spec, result = qat_result
+    float_model = result.fine_tuned_float_model
+    images = load_fashion_mnist("test", float_model.cfg, limit=8).batch(list(range(8)))[0]
+    artifact = coreml.export(float_model, images[:1], "int8", COREML, tmp_path, quant=spec)
+    assert artifact.details["int8"]["scheme"].startswith("W8A8") and artifact.details["int8"]["int8_weight_tensors"] > 0
+    check = coreml.precheck(float_model, images, "int8")
+    assert not check.failures and compare_outputs(check.reference, check.candidate)["cosine"] > 0.98
+
+
+def test_qat_needs_calibration_images():
+    model = _GroupNormViT().eval()
+    with pytest.raises(EdgevitError, match="QAT needs calibration images"):
+        run_qat(model, (torch.randn(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)), torch.empty(0, 3, 16, 16),
+                QuantSpec(mode="dynamic"), steps=1)

@@ -1,0 +1,93 @@
+"""`edgevit calibrate` and `edgevit quantize` end to end: bad input is one line, a non-zero exit
+and nothing written; a calibration run is saved once and reused by every target."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgevit.export.pipeline import MANIFEST_NAME
+from tests.test_cli import assert_one_line_error, run
+
+MODEL = "levit_128s"
+
+
+def _photos(folder, count, size=(96, 80)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        # smooth gradients plus noise: image-like statistics, not uniform noise
+        y, x = np.mgrid[0:size[1], 0:size[0]]
+        base = np.stack([(x * (i + 1)) % 256, (y * 3 + i * 20) % 256, (x + y) % 256], axis=-1)
+        pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{i}.png")
+    return folder
+
+
+def _nothing_written(out):
+    return not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: d / "missing", "not found"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "no image"),
+    (lambda d: ((d / "junk").mkdir(), (d / "junk" / "a.jpg").write_text("not an image"))[0] or d / "junk", "no readable"),
+])
+def test_bad_calibration_folders(capsys, tmp_path, make, fragment):
+    folder = make(tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "quantize", MODEL, "--target", "onnx", "--calib-data", str(folder), "--out", str(out))
+    assert_one_line_error(code, stdout, err)
+    assert fragment in err.lower()
+    assert _nothing_written(out)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--mode", "static"], "needs calibration images"),
+    (["--mode", "qat", "--calib-data", "."], "qat needs labelled training data"),
+    (["--float-ops", "norm,layernorm", "--mode", "dynamic"], "unknown float op kinds layernorm"),
+    (["--max-drop", "-1", "--mode", "dynamic"], "--max-drop must be >= 0"),
+    (["--mode", "dynamic", "--recipe", "onnx-fp32"], "quantization needs an int8 recipe"),
+    (["--mode", "dynamic", "--target", "executorch", "--recipe", "onnx-int8"], "is for target onnx"),
+])
+def test_bad_quantize_arguments(capsys, tmp_path, argv, fragment):
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "quantize", MODEL, *argv, "--out", str(out))
+    assert_one_line_error(code, stdout, err, fragment)
+    assert _nothing_written(out)
+
+
+def test_modes_a_target_lacks_are_refused(capsys, tmp_path):
+    from edgevit.export import TARGETS
+
+    lacking = [(t.name, m) for t in TARGETS.values() for m in ("dynamic", "static", "qat") if m not in t.quant_modes]
+    if not lacking:
+        pytest.skip("every target offers every mode")
+    for target, mode in lacking:
+        code, stdout, err = run(capsys, "quantize", MODEL, "--target", target, "--mode", mode,
+                                "--calib-data", str(tmp_path), "--out", str(tmp_path / "out"))
+        assert_one_line_error(code, stdout, err, f"has no {mode} quantization")
+
+
+def test_calibrate_once_quantize_from_stats_with_fewer_images_than_asked(capsys, tmp_path):
+    photos = _photos(tmp_path / "photos", 6)
+    stats = tmp_path / "levit.safetensors"
+    code, stdout, err = run(capsys, "calibrate", MODEL, "--calib-data", str(photos), "--images", "10", "--out", str(stats))
+    assert code == 0, err
+    assert "asked for 10 images" in err and "using 6" in err
+    assert stats.is_file() and "6 images used" in stdout
+
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "quantize", MODEL, "--target", "onnx", "--calib-stats", str(stats),
+                            "--out", str(out), "--json")
+    assert code == 0, err
+    manifest = json.loads(stdout)
+    quantization = manifest["quantization"]
+    assert manifest["precision"] == "int8" and quantization["mode"] == "static"
+    assert quantization["calibration"]["images"] == 6 and quantization["calibration"]["stats_file"] == str(stats)
+    assert "head" in quantization["float_modules"]
+    assert manifest["verification"]["passed"] is True and manifest["verification"]["batch"] == 6
+    bundle = out / "levit_128s-onnx-int8"
+    assert (bundle / MANIFEST_NAME).is_file()
