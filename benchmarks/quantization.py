@@ -117,9 +117,10 @@ def latency_rows(name: str, args, work: Path) -> dict:
         "pte_fp32": export_model(name, "executorch", out_dir=work / "lat").artifact,
     }
     for key, target in (("onnx_int8", "onnx"), ("pte_int8", "executorch")):
-        # random weights pass a looser bound: their near-uniform logits make cosine a poor judge
+        # Random weights: near-uniform logits make cosine a poor judge of int8 here (accuracy is
+        # judged on the trained model above), so latency artifacts are only held to a loose bound.
         artifacts[key] = quantize_model(name, target, "static", calib_stats=stats, out_dir=work / "lat",
-                                        tolerances={"min_cosine": 0.9}).export.artifact
+                                        tolerances={"min_cosine": 0.5}).export.artifact
     runners = {}
     for key, path in artifacts.items():
         if path.suffix == ".onnx":

@@ -153,14 +153,6 @@ class _Graph:
     def dynamic_inputs(self, node) -> list[str]:
         return [i for i in node.input if i and i not in self.constants]
 
-    def source(self, tensor: str):
-        """The first producer of ``tensor`` that is not a pass-through op."""
-        node = self.producer.get(tensor)
-        while node is not None and node.op_type in _PASS_THROUGH:
-            inputs = self.dynamic_inputs(node)
-            node = self.producer.get(inputs[0]) if inputs else None
-        return node
-
 
 def node_kinds(model) -> dict[str, str]:
     """Each node's op kind (``edgevit.quant.spec.OP_KINDS``) by name; nodes of no kind (linear
@@ -180,18 +172,17 @@ def node_kinds(model) -> dict[str, str]:
         elif op == "MatMul" and len(inputs) == 2:
             kinds[node.name] = "attention_matmul"
         elif op == "Mul" and len(inputs) == 2:
-            sources = {id(g.source(i)) for i in inputs}
-            silu = any(g.source(i) is not None and g.source(i).op_type == "Sigmoid"
-                       and g.dynamic_inputs(g.source(i))[0] in inputs for i in inputs)
+            producers = [g.producer.get(i) for i in inputs]
+            silu = any(p is not None and p.op_type == "Sigmoid" and p.input[0] in inputs for p in producers)
             # x·sigmoid(x) is SiLU; other products of two activations are attention (MobileViT's
             # context scores × keys, ReLU(values) × context).
-            kinds[node.name] = "activation" if silu or len(sources) == 1 else "attention_matmul"
+            kinds[node.name] = "activation" if silu else "attention_matmul"
         elif op == "Add" and len(inputs) == 2:
             kinds[node.name] = "residual_add"
     # Arithmetic with a constant takes the kind of what it belongs to: the affine of a norm,
     # the scale and position bias of attention logits (on the way into a softmax).
     for node in g.nodes:
-        if node.op_type not in ("Add", "Mul", "Div", "Sub") or len(g.dynamic_inputs(node)) != 1:
+        if node.op_type in _PASS_THROUGH or not _steps_through(g, node):
             continue
         origin = _walk_back(g, node, stop=lambda n: n.op_type in _NORM_OPS or n.op_type in ("MatMul", "Conv", "Gemm"))
         if origin is not None and origin.op_type in _NORM_OPS:
@@ -201,25 +192,27 @@ def node_kinds(model) -> dict[str, str]:
     return kinds
 
 
+def _steps_through(g: _Graph, node) -> bool:
+    """Reshapes and arithmetic with a constant: what lies between an attention product and its
+    softmax, or a norm and its affine."""
+    return node.op_type in _PASS_THROUGH or (node.op_type in ("Add", "Mul", "Div", "Sub") and len(g.dynamic_inputs(node)) == 1)
+
+
 def _walk_back(g: _Graph, node, stop):
-    """Follow the single dynamic input back through constant arithmetic and pass-through ops."""
-    seen = 0
-    while node is not None and seen < 16:
+    """The first producer up the single dynamic input chain that ``stop`` accepts, passing only
+    through :func:`_steps_through` nodes (None if the chain leaves them first)."""
+    for _ in range(16):
         inputs = g.dynamic_inputs(node)
-        if len(inputs) != 1:
-            return None
-        node = g.producer.get(inputs[0])
+        node = g.producer.get(inputs[0]) if len(inputs) == 1 else None
         if node is None or stop(node):
             return node
-        if node.op_type not in _PASS_THROUGH and not (node.op_type in ("Add", "Mul", "Div", "Sub")
-                                                      and len(g.dynamic_inputs(node)) == 1):
+        if not _steps_through(g, node):
             return None
-        seen += 1
     return None
 
 
 def _feeds_softmax(g: _Graph, node) -> bool:
-    """Whether ``node`` leads into a Softmax through constant arithmetic and pass-through ops."""
+    """Whether ``node`` leads into a Softmax through :func:`_steps_through` nodes alone."""
     for _ in range(16):
         consumers = g.consumers.get(node.output[0], [])
         if len(consumers) != 1:
@@ -227,8 +220,7 @@ def _feeds_softmax(g: _Graph, node) -> bool:
         node = consumers[0]
         if node.op_type == "Softmax":
             return True
-        if node.op_type not in _PASS_THROUGH and not (node.op_type in ("Add", "Mul", "Div", "Sub")
-                                                      and len(g.dynamic_inputs(node)) == 1):
+        if not _steps_through(g, node):
             return False
     return False
 
@@ -338,6 +330,33 @@ def gemm_to_matmul(model) -> int:
     return count
 
 
+def unshare_weights(model) -> int:
+    """Give every Conv/Gemm/MatMul its own copy of a weight or bias initializer it shares with
+    another node (the exporters deduplicate equal tensors, e.g. zero biases): onnxruntime's
+    quantizer replaces a quantized node's initializer for every reader, so a node kept float
+    would read another node's int8-rounded weights. Returns the copies made."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    readers: collections.Counter = collections.Counter(i for n in graph.node for i in n.input)
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in LINEAR_OPS:
+            continue
+        for slot, name in enumerate(node.input):
+            if slot == 0 or name not in initializers or readers[name] < 2:
+                continue
+            copy = TensorProto()
+            copy.CopyFrom(initializers[name])
+            copy.name = f"{name}_{node.name or copies}"
+            graph.initializer.append(copy)
+            node.input[slot] = copy.name
+            readers[name] -= 1
+            copies += 1
+    return copies
+
+
 def _drop_unused_constants(model) -> None:
     graph = model.graph
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -404,6 +423,48 @@ def _float_region(g: _Graph, tensor: str, depth: int = 0):
     return pairs
 
 
+def read_float_inputs(model, names: set[str]) -> int:
+    """Let the nodes in ``names`` (kept float) read a float producer's tensor instead of its
+    dequantized copy: onnxruntime's quantizer points every reader of a tensor it quantizes for
+    one consumer at the Dequantize output, which would round e.g. a float residual stream to 8
+    bits anyway. (The output of an int8 producer is its 8-bit value; reading it directly would
+    also stop onnxruntime fusing that producer.) Returns the inputs rewired."""
+    g = _Graph(model)
+    rewired = 0
+    for node in g.nodes:
+        if node.name not in names:
+            continue
+        for slot, name in enumerate(node.input):
+            dq = g.producer.get(name)
+            q = g.producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is None or q.op_type != "QuantizeLinear":
+                continue
+            source = g.producer.get(q.input[0])
+            if source is not None and source.op_type in STATIC_OP_TYPES and all(
+                    g.producer.get(i) is not None and g.producer[i].op_type == "DequantizeLinear"
+                    for i in g.dynamic_inputs(source)):
+                continue  # an int8 kernel's output
+            node.input[slot] = q.input[0]
+            rewired += 1
+    if rewired:
+        _drop_dangling_qdq(model)
+    return rewired
+
+
+def _drop_dangling_qdq(model) -> None:
+    """Remove Quantize/Dequantize nodes nothing reads any more."""
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dangling = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                    and not any(o in used for o in n.output)]
+        if not dangling:
+            break
+        for node in dangling:
+            graph.node.remove(node)
+    _drop_unused_constants(model)
+
+
 def _runs_int8(g: _Graph, node) -> bool:
     """A node of a QDQ graph that onnxruntime fuses into an int8 kernel: an op it has one for,
     whose outputs are all quantized again (a float op between Q/DQ pairs stays float)."""
@@ -462,6 +523,9 @@ def quantize_onnx(model, quant: QuantSpec, float_modules: Iterable[str] = (), in
 
     model = onnx.ModelProto.FromString(model.SerializeToString())  # the caller's graph stays as it was
     steps = []
+    unshared = unshare_weights(model)
+    if unshared:
+        steps.append(f"{unshared} shared weight/bias tensors copied per node")
     fused = fuse_gelu(model)
     if fused:
         steps.append(f"{fused} erf-GELU patterns → Gelu (opset {GELU_OPSET})")
@@ -509,9 +573,12 @@ def _quantize_static(model, quant: QuantSpec, float_modules: tuple[str, ...], in
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OP_TYPES),
             per_channel=quant.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=sorted(excluded), calibrate_method=method,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            # Relu/Clip stay in the graph (onnxruntime still folds them into the uint8 range): a
+            # node kept float that reads the Quantize input must not see pre-ReLU values.
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QDQKeepRemovableActivations": True},
         )
         quantized = onnx.load(str(target))
+    read_float_inputs(quantized, set(excluded))
     logits = _float_logits(quantized)
     float_out = keep_float_outputs(quantized)
     post = notes

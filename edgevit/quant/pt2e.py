@@ -338,7 +338,8 @@ def quantizer_details(spec: QuantSpec, plan: FloatPlan, *, qat: bool = False) ->
         # Patterns that named no module of this model (a recipe shared by several sizes may have them).
         "float_modules_unmatched": [p for p in plan.module_patterns
                                     if not any(fnmatch.fnmatchcase(n, p) for n in plan.module_names)],
-        "float_nodes": dict(sorted(plan.kept.items())),
+        # Nodes an int8 pattern matched that the spec kept float, by reason.
+        "kept_float_nodes": dict(sorted(plan.kept.items())),
         "always_float": always,
     }
 

@@ -145,7 +145,8 @@ def test_float_ops_and_float_modules_stay_float():
         assert all(any("quantize" not in str(user.target) for user in add.users) for add in adds) == float_adds
     details = kept.details
     assert details["float_modules"] == ["fc1", "fc2", "head"] and details["float_modules_unmatched"] == []
-    assert details["float_nodes"]["float_ops:residual_add"] == 2 and details["float_nodes"]["float_ops:attention_bias_add"] == 1
+    kept = details["kept_float_nodes"]
+    assert kept["float_ops:residual_add"] == 2 and kept["float_ops:attention_bias_add"] == 1 and kept["float_modules"] == 3
     assert details["pt2e_ops"]["quantize_per_tensor"] < everything.details["pt2e_ops"]["quantize_per_tensor"]
     assert "softmax" in details["always_float"]
 
@@ -302,9 +303,14 @@ SMALLEST = [
     ("edgevit_xxs", "saic__edgevit_xxs"),
 ]
 # Worst-sample cosine and top-1 agreement with float32 on 8 photo crops, calibrated on 16 others
-# with the family's recipe defaults (minmax); measured (reference weights), then a margin.
-STATIC_BOUNDS = {"mobilevitv2_050": (0.95, 0.5), "efficientformer_l1": (0.995, 0.875),
-                 "levit_128s": (0.93, 0.75), "edgevit_xxs": (0.99, 0.875)}
+# with the family's recipe defaults (minmax), reference weights. Measured, ExecuTorch static /
+# Core ML W8A8 cosine, top-1: MobileViT v2 0.986 / 0.986, 5-6 of 8 (near-tied logits);
+# EfficientFormer 0.9997 / 0.9997, 7 of 8; LeViT 0.972 / 0.973, 6 of 8; EdgeViT 0.997 / 0.998, 8 of 8.
+# Bounds leave a margin (other CPUs' int8 kernels round differently).
+STATIC_BOUNDS = {"mobilevitv2_050": (0.96, 0.375), "efficientformer_l1": (0.995, 0.625),
+                 "levit_128s": (0.94, 0.5), "edgevit_xxs": (0.99, 0.75)}
+# Core ML W8 cosine, measured: MobileViT v2 0.992, EfficientFormer 0.9999, LeViT 0.9985, EdgeViT 0.9997.
+W8_MIN_COSINE = {"mobilevitv2_050": 0.98, "efficientformer_l1": 0.995, "levit_128s": 0.995, "edgevit_xxs": 0.995}
 
 
 def _family(name: str, stem: str, tmp_path: Path):
@@ -339,7 +345,7 @@ def test_static_int8_of_every_family_is_fully_delegated_and_agrees_with_float(na
 @pytest.mark.parametrize("name,stem", SMALLEST)
 def test_coreml_w8_and_w8a8_of_every_family_convert_and_pass_the_precheck(name, stem, tmp_path):
     eval_model, deploy, calibration, verification = _family(name, stem, tmp_path)
-    for mode, scheme, min_cosine in (("dynamic", "W8", 0.99), ("static", "W8A8", STATIC_BOUNDS[name][0])):
+    for mode, scheme, min_cosine in (("dynamic", "W8", W8_MIN_COSINE[name]), ("static", "W8A8", STATIC_BOUNDS[name][0])):
         result = coreml.export(deploy, verification[:1], "int8", COREML, tmp_path / mode,
                                quant=_family_spec(eval_model.cfg, mode, calibration))
         facts = result.details["int8"]
@@ -349,3 +355,17 @@ def test_coreml_w8_and_w8a8_of_every_family_convert_and_pass_the_precheck(name, 
         assert not check.failures
         figures = compare_outputs(check.reference, check.candidate)
         assert figures["finite"] and figures["cosine"] >= min_cosine, (mode, figures)
+
+
+@pytest.mark.slow
+def test_dynamic_int8_of_levit_is_fully_delegated_and_agrees_with_float(tmp_path):
+    # LeViT is linear layers throughout: the family dynamic int8 is for (measured cosine 0.9987).
+    eval_model, deploy, _calibration, verification = _family("levit_128s", "timm__levit_128s", tmp_path)
+    result = executorch.export(deploy, verification[:1], "int8", XNNPACK, tmp_path,
+                               quant=_family_spec(eval_model.cfg, "dynamic", None))
+    assert result.details["delegated_share"] == 1.0 and result.details["delegated_subgraphs"] == 1
+    assert result.details["quantization"]["pt2e_ops"]["choose_qparams"] == 46  # every linear but the float head
+    with torch.no_grad():
+        reference = eval_model(verification).numpy()
+    figures = compare_outputs(reference, executorch.load_runner(result.path, XNNPACK)(verification.numpy()))
+    assert figures["cosine"] >= 0.99, figures
