@@ -34,7 +34,6 @@ from rich.table import Table
 from edgevit.errors import EdgevitError
 from edgevit.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from edgevit.evaluate import evaluate
-from edgevit.export.base import quiet
 from edgevit.export.onnx import session
 from edgevit.export.pipeline import export_model
 from edgevit.models import create_model
@@ -42,6 +41,7 @@ from edgevit.profile.timing import measure, thread_settings
 from edgevit.quant import quantize_model
 from edgevit.quant.calibration import Calibration, preprocessing_of
 from edgevit.train import fine_tune, save_trained
+from export_latency import stock_onnx  # the same stock baseline as the export benchmark (this folder)
 
 SMALLEST = ["mobilevitv2_050", "efficientformer_l1", "levit_128s", "edgevit_xxs"]
 THREADS = 2
@@ -89,14 +89,6 @@ def accuracy_rows(name: str, args, work: Path, console: Console) -> dict:
             console.print(f"{name}: {mode} int8 {target}: top-1 {top1:.2f} % (drop {test_top1['fp32'] - top1:+.2f} pt), "
                           f"verification cosine {outcome.export.verification['cosine']:.4f}, {time.perf_counter() - clock:.0f} s")
     return {"input_size": args.input_size, "train_seconds": train_s, "train_figures": figures, "top1": test_top1}
-
-
-def stock_onnx(name: str, directory: Path) -> Path:
-    model = create_model(name)
-    path = directory / f"{name}-stock.onnx"
-    with quiet():
-        torch.onnx.export(model, (torch.randn(1, *model.cfg.input_size),), str(path))
-    return path
 
 
 def native_calibration(name: str, count: int, work: Path) -> Path:
