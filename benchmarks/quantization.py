@@ -150,7 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-    console = Console()
+    console = Console(width=None if os.isatty(1) else 160)  # saved logs keep whole table rows
     results: dict = {"threads": THREADS, "settings": thread_settings(), "args": vars(args) | {"json": str(args.json)},
                      "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,8 +164,10 @@ def main() -> None:
                     entry["latency"] = latency_rows(name, args, work)
             if args.json:  # partial results survive an interrupted run
                 args.json.write_text(json.dumps(results, indent=2, default=str))
-    console.print(_accuracy_table(results, args))
-    console.print(_latency_table(results, args))
+    if not args.skip_accuracy:
+        console.print(_accuracy_table(results, args))
+    if not args.skip_latency:
+        console.print(_latency_table(results, args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
         console.print(f"saved {args.json}")

@@ -116,7 +116,9 @@ class PrecheckResult:
 
 # Libraries that narrate exports on stdout/stderr and through their loggers (step banners,
 # progress bars, notes about optional kernels); the pipeline reports what matters instead.
-_CHATTY_LOGGERS = ("torch", "torch.onnx", "torch.export", "torch.utils._pytree", "onnxscript", "onnx_ir",
+# "" is the root logger: onnxruntime.quantization warns through it (its handler, set up by an
+# earlier basicConfig, holds the real stderr, which redirect_stderr cannot catch).
+_CHATTY_LOGGERS = ("", "torch", "torch.onnx", "torch.export", "torch.utils._pytree", "onnxscript", "onnx_ir",
                    "executorch", "coremltools", "torchao")
 
 

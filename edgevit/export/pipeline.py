@@ -98,7 +98,7 @@ def build_quant_spec(cfg, recipe: Recipe, calibration: Any, extra_float_modules:
     from edgevit.quant.recipes import quant_settings
     from edgevit.quant.spec import QuantSpec
 
-    settings = quant_settings(cfg.family, recipe.quantization)
+    settings = quant_settings(cfg.family, recipe.quantization, recipe.target)
     settings["float_modules"] += tuple(m for m in extra_float_modules if m not in settings["float_modules"])
     if settings["mode"] == "dynamic" and calibration is None:
         return QuantSpec(**settings)  # needs no calibration; verification then uses synthetic images

@@ -58,6 +58,7 @@ def quantize_model(
 
     step = progress or (lambda _message: None)
     get_model_cfg(model)  # unknown names fail before any slow work
+    float_modules = tuple(float_modules or ())
     if mode not in MODES:
         raise EdgevitError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
     if method is not None and method not in METHODS:
@@ -98,7 +99,7 @@ def quantize_model(
         from edgevit.quant.qat import run_qat
         from edgevit.train import training_data
 
-        spec = build_quant_spec(cfg, chosen, calibration, tuple(float_modules))
+        spec = build_quant_spec(cfg, chosen, calibration, float_modules)
         result = qat_result
         if result is None:
             data = training_data(train_data, cfg, limit=train_limit)
@@ -110,7 +111,7 @@ def quantize_model(
         return outcome
 
     if max_drop is None:
-        outcome.export = export_model(model, **export_kwargs, out_dir=out_dir, extra_float_modules=tuple(float_modules))
+        outcome.export = export_model(model, **export_kwargs, out_dir=out_dir, extra_float_modules=float_modules)
         return outcome
 
     from edgevit.quant.sensitivity import keep_float_until, layer_sensitivity
@@ -127,7 +128,7 @@ def quantize_model(
     scratch = Path(tempfile.mkdtemp(prefix=f".edgevit-partial-{os.getpid()}-search-", dir=out_dir))
     try:
         def export_with_float(layers: tuple[str, ...]):
-            return export_model(model, **export_kwargs, out_dir=scratch, extra_float_modules=tuple(float_modules) + layers,
+            return export_model(model, **export_kwargs, out_dir=scratch, extra_float_modules=float_modules + layers,
                                 bundle_suffix=f"+float{len(layers)}")
 
         chosen_step, outcome.search = keep_float_until(

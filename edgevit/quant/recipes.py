@@ -8,11 +8,16 @@ What stays float, and why:
   that one int8 scale cannot hold;
 - LeViT and EfficientFormer add a learned position bias to the attention logits: quantizing the
   sum with the logits' scale erases the bias's fine structure.
+Targets differ in what int8 costs: onnxruntime has int8 kernels for Conv/MatMul but none for
+norms or GELU, and a residual sum there mostly feeds a float norm, so quantizing it adds a Q/DQ
+pair that costs accuracy and buys no speed (LeViT has no norm left after BatchNorm fusion: its sums
+feed int8 linears and stay int8). ``target_float_ops`` holds such per-target sets; XNNPACK (ExecuTorch, Core ML via the same PT2E program) and TensorRT fuse the add
+into int8 kernels and use ``float_ops``.
 A recipe's ``[quantization]`` table replaces ``float_ops`` and extends ``float_modules``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgevit.errors import EdgevitError
@@ -23,6 +28,10 @@ class FamilyQuantDefaults:
     float_ops: tuple[str, ...]
     float_modules: tuple[str, ...]  # fnmatch patterns over deploy-model module names
     notes: str = ""
+    target_float_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)  # target → float_ops there
+
+    def float_ops_for(self, target: str | None) -> tuple[str, ...]:
+        return self.target_float_ops.get(target, self.float_ops)
 
 
 _COMMON_FLOAT_OPS = ("norm", "softmax", "attention_bias_add")
@@ -31,11 +40,14 @@ FAMILY_DEFAULTS: dict[str, FamilyQuantDefaults] = {
     "mobilevitv2": FamilyQuantDefaults(
         float_ops=("norm", "softmax"),
         float_modules=("stem.conv", "head.fc"),
-        notes="GroupNorm(1) before each linear attention; context-score softmax over tokens."),
+        notes="GroupNorm(1) before each linear attention; context-score softmax over tokens.",
+        # the context product (scores × keys, summed over tokens) needs finer steps than one int8 scale
+        target_float_ops={"onnx": ("norm", "softmax", "attention_matmul", "residual_add")}),
     "efficientformer": FamilyQuantDefaults(
         float_ops=_COMMON_FLOAT_OPS,
         float_modules=("stem.0", "head"),
-        notes="Pooling mixer blocks are conv-only; the last stage's attention carries a position bias."),
+        notes="Pooling mixer blocks are conv-only; the last stage's attention carries a position bias.",
+        target_float_ops={"onnx": _COMMON_FLOAT_OPS + ("residual_add",)}),
     "levit": FamilyQuantDefaults(
         float_ops=_COMMON_FLOAT_OPS,
         float_modules=("stem.conv1", "head"),
@@ -44,7 +56,8 @@ FAMILY_DEFAULTS: dict[str, FamilyQuantDefaults] = {
     "edgevit": FamilyQuantDefaults(
         float_ops=("norm", "softmax"),
         float_modules=("patch_embed1.proj", "head"),
-        notes="Local-Global-Local: depthwise local aggregation, sparse global attention, transposed-conv propagation."),
+        notes="Local-Global-Local: depthwise local aggregation, sparse global attention, transposed-conv propagation.",
+        target_float_ops={"onnx": ("norm", "softmax", "residual_add")}),
 }
 
 
@@ -55,10 +68,10 @@ def family_defaults(family: str) -> FamilyQuantDefaults:
         raise EdgevitError(f"no quantization defaults for family {family!r}") from None
 
 
-def quant_settings(family: str, table: dict[str, Any]) -> dict[str, Any]:
-    """The QuantSpec fields for ``family`` under a recipe's ``[quantization]`` table."""
+def quant_settings(family: str, table: dict[str, Any], target: str | None = None) -> dict[str, Any]:
+    """The QuantSpec fields for ``family`` on ``target`` under a recipe's ``[quantization]`` table."""
     defaults = family_defaults(family)
-    float_ops = tuple(table["float_ops"]) if "float_ops" in table else defaults.float_ops
+    float_ops = tuple(table["float_ops"]) if "float_ops" in table else defaults.float_ops_for(target)
     extra_modules = tuple(m for m in table.get("float_modules", ()) if m not in defaults.float_modules)
     return {"mode": table["mode"], "method": table.get("method", "minmax"),
             "per_channel": table.get("per_channel", True), "float_ops": float_ops,

@@ -13,20 +13,12 @@ from edgevit.export import onnx as onnx_target
 from edgevit.export.pipeline import collapse_failure, compare_outputs
 from edgevit.models import create_model, to_deploy
 from edgevit.quant.onnx_int8 import module_scopes, node_kinds, node_module
+from edgevit.export.recipes import resolve_recipe
 from edgevit.quant.recipes import quant_settings
 from edgevit.quant.spec import QuantSpec
 
 SMALLEST = ["mobilevitv2_050", "efficientformer_l1", "levit_128s", "edgevit_xxs"]
 OPTIONS = {"opset": 18, "dynamic_batch": False, "exporter": "torchscript", "simplify": True, "fp16_io": False}
-# The static settings measured best for onnxruntime on Fashion-MNIST-trained models (top-1 within
-# 0.6 pt of fp32 on 500-1000 test images, top-1 agreement 0.978-0.985, speed-ups 1.5-2x at one
-# thread), over the family's float_modules defaults.
-RECOMMENDED = {
-    "mobilevitv2": dict(method="percentile", float_ops=("norm", "softmax", "attention_matmul", "residual_add")),
-    "efficientformer": dict(method="percentile", float_ops=("norm", "softmax", "attention_bias_add", "residual_add")),
-    "levit": dict(method="percentile", float_ops=("norm", "softmax", "attention_bias_add")),
-    "edgevit": dict(method="percentile", float_ops=("norm", "softmax", "residual_add")),
-}
 # Worst-sample cosine of int8 logits against the fp32 eval model on photo-like images with random
 # weights, measured: mobilevitv2_050 0.9985, efficientformer_l1 0.99997, edgevit_xxs 0.9997,
 # levit_128s 0.94-0.97 (its residual branches start at zero, so its logits are 1e-4-sized and
@@ -58,7 +50,8 @@ def seeded_model(name: str):
 
 
 def export_int8(model, tmp_path, mode="static", calibration=None, options=None, **overrides):
-    settings = quant_settings(model.cfg.family, {"mode": mode}) | RECOMMENDED[model.cfg.family] | overrides
+    preset = resolve_recipe("onnx-int8", "onnx", "int8", mode=mode).quantization
+    settings = quant_settings(model.cfg.family, preset, "onnx") | overrides
     spec = QuantSpec(**settings, calibration=calibration)
     out = tmp_path / f"{model.cfg.name}-{mode}"
     out.mkdir()

@@ -72,6 +72,19 @@ def test_family_defaults_name_real_modules_and_known_ops():
             assert any(n == pattern or n.startswith(pattern + ".") for n in matched), (family, pattern)
 
 
+def test_family_float_ops_per_target_reach_the_spec():
+    cfg = get_model_cfg("mobilevitv2_050")
+    calibration = Calibration(inputs=torch.zeros(2, *cfg.input_size), summary={"images": 2})
+    on_onnx = build_quant_spec(cfg, resolve_recipe(None, "onnx", "int8", mode="static"), calibration)
+    on_xnnpack = build_quant_spec(cfg, resolve_recipe(None, "executorch", "int8", mode="static"), calibration)
+    assert on_onnx.float_ops == FAMILY_DEFAULTS["mobilevitv2"].target_float_ops["onnx"]
+    assert "residual_add" in on_onnx.float_ops and "residual_add" not in on_xnnpack.float_ops
+    assert on_xnnpack.float_ops == FAMILY_DEFAULTS["mobilevitv2"].float_ops
+    for defaults in FAMILY_DEFAULTS.values():
+        for ops in defaults.target_float_ops.values():
+            assert set(ops) <= set(OP_KINDS)
+
+
 def test_recipe_table_replaces_ops_and_extends_modules():
     cfg = get_model_cfg("levit_128s")
     recipe = parse_recipe(_int8_recipe(float_ops=["softmax"], float_modules=["stages.0.*"]), source="mine.toml")
