@@ -17,7 +17,9 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 # Ops left in float32 in an fp16 graph: their reductions and exponentials overflow or lose the
 # small differences that matter in float16 (the same ops the fp16 pre-checks flag).
-FP16_KEEP_FLOAT32 = ("LayerNormalization", "GroupNormalization", "Softmax", "ReduceMean", "ReduceSum", "Pow", "Sqrt", "Erf")
+# InstanceNormalization is what torch.onnx writes for GroupNorm (MobileViT v2's norms).
+FP16_KEEP_FLOAT32 = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "Softmax", "ReduceMean",
+                     "ReduceSum", "Pow", "Sqrt", "Erf")
 
 
 def export(model: nn.Module, example: torch.Tensor, precision: str, options: dict[str, Any], out_dir: Path,
@@ -37,7 +39,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         graph = _simplify(graph)
     quantization = None
     if precision == "fp16":
-        graph = _to_float16(graph, keep_io_float32=not options["fp16_io"])
+        graph, _ = convert_to_float16(graph, keep_io_float32=not options["fp16_io"], keep_ops=FP16_KEEP_FLOAT32)
     elif precision == "int8":
         graph, quantization = _to_int8(graph, model, quant)
     onnx.checker.check_model(graph, full_check=True)
@@ -87,13 +89,53 @@ def _simplify(graph):
         return onnxslim.slim(graph)
 
 
-def _to_float16(graph, keep_io_float32: bool):
+def convert_to_float16(graph, keep_io_float32: bool, keep_ops: tuple[str, ...], keep_nodes: list[str] = ()):
+    """``graph`` in float16 except the ``keep_ops`` op types and ``keep_nodes`` node names, with the
+    converter's output repaired (see below). Returns the graph and how many float16 round trips
+    between kept float32 ops were removed (shared by the ONNX and TensorRT targets)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with quiet():
-        converted = convert_float_to_float16(graph, keep_io_types=keep_io_float32, op_block_list=list(FP16_KEEP_FLOAT32))
+        converted = convert_float_to_float16(graph, keep_io_types=keep_io_float32, op_block_list=list(keep_ops),
+                                             node_block_list=list(keep_nodes))
+    round_trips = _drop_float16_round_trips(converted)
     _repair_node_order(converted.graph)
-    return converted
+    return converted, round_trips
+
+
+def _drop_float16_round_trips(model) -> int:
+    """Bypass Cast(float16) → Cast(float32) pairs on float32 tensors: the converter puts one
+    between two ops it keeps in float32, which would overflow exactly the values they were kept
+    for. Returns how many float32 consumers now read the float32 tensor directly."""
+    import onnx
+
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
+    types |= {t.name: t.data_type for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    bypassed: dict[str, str] = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if cast_to(node) == onnx.TensorProto.FLOAT else None
+        if first is not None and cast_to(first) == onnx.TensorProto.FLOAT16 and types.get(first.input[0]) == onnx.TensorProto.FLOAT:
+            bypassed[node.output[0]] = first.input[0]
+    if not bypassed:
+        return 0
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        node.input[:] = [bypassed.get(name, name) for name in node.input]
+    # Casts nothing reads any more (graph outputs excepted) go.
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
+        if not dead:
+            return len(bypassed)
+        for node in dead:
+            graph.node.remove(node)
 
 
 def _repair_node_order(graph) -> None:

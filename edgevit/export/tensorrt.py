@@ -38,7 +38,7 @@ from torch import nn
 
 from edgevit.errors import EdgevitError
 from edgevit.export import onnx as onnx_target
-from edgevit.export.base import ExportResult, PrecheckResult, RuntimeUnavailable, quiet, run_in_chunks
+from edgevit.export.base import ExportResult, PrecheckResult, RuntimeUnavailable, run_in_chunks
 
 INPUT_NAME, OUTPUT_NAME = onnx_target.INPUT_NAME, onnx_target.OUTPUT_NAME
 BUILD_SCRIPT = "build-engine.sh"
@@ -151,14 +151,8 @@ def to_float16(graph, sample: np.ndarray) -> tuple[Any, dict[str, Any]]:
     """``graph`` (float32) in float16 for a strongly typed TensorRT network: float32 I/O, Casts
     at every float16/float32 boundary, :data:`FP16_KEEP_FLOAT32` ops and the ops the range
     pre-check flags on ``sample`` left in float32. Returns the graph and what was kept."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     risks = float16_range_risks(graph, sample)
-    with quiet():
-        converted = convert_float_to_float16(graph, keep_io_types=True, op_block_list=list(FP16_KEEP_FLOAT32),
-                                             node_block_list=sorted(risks))
-    round_trips = _drop_float16_round_trips(converted)
-    onnx_target._repair_node_order(converted.graph)
+    converted, round_trips = onnx_target.convert_to_float16(graph, True, FP16_KEEP_FLOAT32, keep_nodes=sorted(risks))
     kept = collections.Counter(n.op_type for n in graph.graph.node if n.op_type in FP16_KEEP_FLOAT32)
     return converted, {
         "kept_float32_op_types": dict(sorted(kept.items())),
@@ -168,41 +162,6 @@ def to_float16(graph, sample: np.ndarray) -> tuple[Any, dict[str, Any]]:
         "casts": sum(1 for n in converted.graph.node if n.op_type == "Cast"),
         "float16_round_trips_removed": round_trips,
     }
-
-
-def _drop_float16_round_trips(model) -> int:
-    """Bypass Cast(float16) → Cast(float32) pairs on float32 tensors: the converter puts one
-    between two ops it keeps in float32, which would overflow exactly the values they were kept
-    for. Returns how many float32 consumers now read the float32 tensor directly."""
-    import onnx
-
-    graph = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             (*onnx.shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
-    types |= {t.name: t.data_type for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-
-    def cast_to(node) -> int | None:
-        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
-
-    bypassed: dict[str, str] = {}
-    for node in graph.node:
-        first = producer.get(node.input[0]) if cast_to(node) == onnx.TensorProto.FLOAT else None
-        if first is not None and cast_to(first) == onnx.TensorProto.FLOAT16 and types.get(first.input[0]) == onnx.TensorProto.FLOAT:
-            bypassed[node.output[0]] = first.input[0]
-    if not bypassed:
-        return 0
-    outputs = {o.name for o in graph.output}
-    for node in graph.node:
-        node.input[:] = [bypassed.get(name, name) for name in node.input]
-    # Casts nothing reads any more (graph outputs excepted) go.
-    while True:
-        read = {name for node in graph.node for name in node.input} | outputs
-        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
-        if not dead:
-            return len(bypassed)
-        for node in dead:
-            graph.node.remove(node)
 
 
 def float16_range_risks(graph, sample: np.ndarray) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Quantization-aware training with PT2E: the deploy model (norms decomposed, as XNNPACK takes
 them) is exported with the training batch, ``prepare_qat_pt2e`` inserts fake quantization with
-the same quantizer as static int8 (:mod:`edgevit.quant.pt2e`), the calibration images warm up its
-ranges, :func:`edgevit.train.fine_tune` trains it, and ``convert_pt2e`` gives the int8 program.
+the same quantizer as static int8 (:mod:`edgevit.quant.pt2e`), the calibration images set its
+ranges (then frozen), :func:`edgevit.train.fine_tune` trains the weights, and ``convert_pt2e`` gives the int8 program.
 
 The training graph has a static batch (the training batch size) and the targets need batch 1, so
 the trained state (weights, fake-quant scales and ranges) is loaded into the same graph exported
@@ -58,7 +58,7 @@ def run_qat(
     read). ``eval_data`` (same kinds) adds top-1 figures of the float model before and after and
     of the int8 program, and of static int8 without QAT (same calibration) for comparison.
     """
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval, move_exported_model_to_train
 
     from edgevit.train import fine_tune
 
@@ -80,6 +80,10 @@ def run_qat(
     with torch.no_grad():
         for chunk in _static_batches(calibration, batch_size):
             prepared(chunk)
+    # Ranges stay where calibration put them while the weights train. With moving-average ranges
+    # the weights learn to lean on the fake quantization's clamping: Fashion-MNIST EdgeViT-XXS after
+    # 56 steps, float top-1 85.4 -> 61.2 and int8 84.6 with them moving, 85.65 and 85.25 frozen.
+    prepared.apply(disable_observer)
     for parameter in prepared.parameters():
         parameter.requires_grad_(True)
     figures["training"] = fine_tune(
