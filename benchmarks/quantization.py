@@ -143,7 +143,7 @@ def main() -> None:
     parser.add_argument("--qat-epochs", type=float, default=0.5)
     parser.add_argument("--qat-lr", type=float, default=2e-5)
     parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; each artifact keeps its best (this VM's speed drifts between minutes)")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
