@@ -11,8 +11,9 @@ What stays float, and why:
 Targets differ in what int8 costs: onnxruntime has int8 kernels for Conv/MatMul but none for
 norms or GELU, and a residual sum there mostly feeds a float norm, so quantizing it adds a Q/DQ
 pair that costs accuracy and buys no speed (LeViT has no norm left after BatchNorm fusion: its sums
-feed int8 linears and stay int8). ``target_float_ops`` holds such per-target sets; XNNPACK (ExecuTorch, Core ML via the same PT2E program) and TensorRT fuse the add
-into int8 kernels and use ``float_ops``.
+feed int8 linears and stay int8). XNNPACK (ExecuTorch, and Core ML through the same PT2E program)
+and TensorRT fuse the add into int8 kernels. ``target_float_ops`` maps a target to its own set;
+targets not named there use ``float_ops``.
 A recipe's ``[quantization]`` table replaces ``float_ops`` and extends ``float_modules``.
 """
 from __future__ import annotations
@@ -58,7 +59,9 @@ FAMILY_DEFAULTS: dict[str, FamilyQuantDefaults] = {
         # cosine went 0.989 -> 0.999 with them float (one trained model lost 1.1 pt top-1 without)
         float_ops=("norm", "softmax", "residual_add"),
         float_modules=("patch_embed1.proj", "head"),
-        notes="Local-Global-Local: depthwise local aggregation, sparse global attention, transposed-conv propagation."),
+        notes="Local-Global-Local: depthwise local aggregation, sparse global attention, transposed-conv propagation.",
+        # TensorRT fuses a residual add into the producing conv's int8 epilogue (Q/DQ on the skip input)
+        target_float_ops={"tensorrt": ("norm", "softmax")}),
 }
 
 
