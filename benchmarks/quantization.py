@@ -103,16 +103,21 @@ def latency_rows(name: str, args, work: Path) -> dict:
     from edgevit.export import executorch as et_target
 
     stats = native_calibration(name, 32, work)
+
+    def same_weights(make):  # every artifact from the same random init (values can change speed: denormals)
+        torch.manual_seed(0)
+        return make()
+
     artifacts = {
-        "stock_onnx_fp32": stock_onnx(name, work),
-        "onnx_fp32": export_model(name, "onnx", out_dir=work / "lat").artifact,
-        "pte_fp32": export_model(name, "executorch", out_dir=work / "lat").artifact,
+        "stock_onnx_fp32": same_weights(lambda: stock_onnx(name, work)),
+        "onnx_fp32": same_weights(lambda: export_model(name, "onnx", out_dir=work / "lat").artifact),
+        "pte_fp32": same_weights(lambda: export_model(name, "executorch", out_dir=work / "lat").artifact),
     }
     for key, target in (("onnx_int8", "onnx"), ("pte_int8", "executorch")):
         # Random weights: near-uniform logits make cosine a poor judge of int8 here (accuracy is
         # judged on the trained model above), so latency artifacts are only held to a loose bound.
-        artifacts[key] = quantize_model(name, target, "static", calib_stats=stats, out_dir=work / "lat",
-                                        tolerances={"min_cosine": 0.5}).export.artifact
+        artifacts[key] = same_weights(lambda: quantize_model(name, target, "static", calib_stats=stats, out_dir=work / "lat",
+                                                             tolerances={"min_cosine": 0.5}).export.artifact)
     runners = {}
     for key, path in artifacts.items():
         if path.suffix == ".onnx":
