@@ -173,7 +173,8 @@ def export_model(
         example = quant.calibration[:chosen.verify_batch].float()
     else:
         example = verification_batch(cfg, chosen.verify_batch)
-    reference = _reference_outputs(quant, float_model if float_model is not None else eval_model, example)
+    qat_program = quant.qat_model if quant is not None else None
+    reference = _reference_outputs(qat_program, float_model if float_model is not None else eval_model, example)
     seconds["load"] = time.perf_counter() - clock
 
     _remove_stale_partials(out_dir)
@@ -190,7 +191,7 @@ def export_model(
         if verify:
             step(f"verifying in {spec.runtime}")
             verification = _verify(implementation, result.path, chosen, deploy_model, example, reference,
-                                   qat=quant is not None and quant.qat_model is not None)
+                                   qat=qat_program is not None)
         else:
             verification = {"check": "skipped (--no-verify)", "passed": None}
         seconds["verify"] = time.perf_counter() - clock
@@ -204,7 +205,7 @@ def export_model(
         manifest["output"]["class_names"] = getattr(eval_model, "class_names", None)
         if quant is not None:
             manifest["quantization"] = quant.summary() | {"reference": "QAT int8 program (PyTorch)"
-                                                          if quant.qat_model is not None else "fp32 eval model"}
+                                                          if qat_program is not None else "fp32 eval model"}
         (staging / MANIFEST_NAME).write_text(_to_json(manifest))
         step(f"writing {bundle}")
         _place(staging, bundle)
@@ -214,15 +215,15 @@ def export_model(
     return ExportOutcome(artifact=bundle / result.path.name, bundle=bundle, manifest=manifest, seconds=seconds)
 
 
-def _reference_outputs(quant, float_model: nn.Module, example: torch.Tensor) -> np.ndarray:
+def _reference_outputs(qat_program, float_model: nn.Module, example: torch.Tensor) -> np.ndarray:
     """What the artifact must reproduce. A QAT artifact answers to the QAT int8 program run in
     PyTorch, not to the fine-tuned float weights: QAT trains the weights *through* fake
     quantization, and they may lean on its clamping (Fashion-MNIST EdgeViT-XXS: after 60 QAT steps
     its float weights lost 27 pt of top-1 while its int8 program gained 0.4), so only the program
     says what was trained."""
-    if quant is not None and quant.qat_model is not None:
+    if qat_program is not None:
         from edgevit.quant.pt2e import run_graph
-        return run_graph(quant.qat_model, example.float()).numpy()
+        return run_graph(qat_program, example.float()).numpy()
     with torch.no_grad():
         return float_model(example).numpy()
 
