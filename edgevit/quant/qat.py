@@ -9,9 +9,11 @@ at batch 1 before it is converted. Targets use the result as follows:
 
 - ExecuTorch lowers ``converted_model`` and Core ML (W8A8) converts it, as they are
   (``QuantSpec.qat_model``);
-- ONNX quantizes ``fine_tuned_float_model`` — the deploy model with the fine-tuned float weights —
-  statically with the same calibration images: it keeps the weights QAT adapted to int8
-  rounding, but its scales are recalibrated by onnxruntime, not the ones QAT learned.
+- ONNX exports ``converted_model`` with the scales it trained with
+  (:func:`edgevit.quant.onnx_int8.from_pt2e_program`);
+- TensorRT quantizes ``fine_tuned_float_model`` — the deploy model with the fine-tuned float
+  weights — statically with the same calibration images: TensorRT takes symmetric activations
+  only, and the XNNPACK quantizer's are asymmetric, so its scales are recalibrated, not learned.
 """
 from __future__ import annotations
 
@@ -141,7 +143,7 @@ def _with_trained_weights(deploy_model: nn.Module, prepared: torch.fx.GraphModul
 def _evaluate(deploy_model, float_model, converted, calibration, spec, eval_data) -> dict[str, Any]:
     """Top-1 (percent) on ``eval_data``: float before and after QAT; static int8 (PT2E, the same
     calibration) of the model before QAT; the QAT int8 program; and static int8 of the fine-tuned
-    float weights, what a target that recalibrates them (ONNX) gets, with PT2E as its proxy."""
+    float weights, what a target that recalibrates them (TensorRT) gets, with PT2E as its proxy."""
     from edgevit.train import accuracy
 
     static = spec.with_changes(mode="static", calibration=calibration, qat_model=None)

@@ -39,8 +39,8 @@ class QuantSpec:
     float_modules: tuple[str, ...] = ()  # fnmatch patterns over the deploy model's module names kept in float
     calibration: torch.Tensor | None = field(default=None, compare=False)  # preprocessed NCHW float32 sample
     calibration_summary: dict[str, Any] = field(default_factory=dict, compare=False)
-    # mode "qat": the fine-tuned model after PT2E convert (targets that consume PT2E graphs lower it
-    # as is; the others quantize the fine-tuned float weights with the same calibration sample).
+    # mode "qat": the fine-tuned model after PT2E convert (ExecuTorch and Core ML lower it as is,
+    # ONNX exports it; TensorRT quantizes the fine-tuned float weights with the same calibration).
     qat_model: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

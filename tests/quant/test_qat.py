@@ -1,10 +1,12 @@
 """QAT with PT2E: a small model trained for a few steps on Fashion-MNIST is fine-tuned with fake
-quantization, converted at batch 1, and lowered to a fully delegated .pte and a W8A8 Core ML
-program; the fine-tuned float weights come back under the deploy model's own names."""
+quantization, converted at batch 1, and lowered to a fully delegated .pte, a W8A8 Core ML
+program and an ONNX graph carrying its trained scales; the fine-tuned float weights come back
+under the deploy model's own names."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,8 +15,9 @@ pytest.importorskip("executorch", reason="the executorch extra is not installed 
 
 from edgevit.data.fashion_mnist import data_dir, load_fashion_mnist  # noqa: E402
 from edgevit.errors import EdgevitError  # noqa: E402
-from edgevit.export import coreml, executorch  # noqa: E402
+from edgevit.export import coreml, executorch, onnx as onnx_target  # noqa: E402
 from edgevit.export.pipeline import compare_outputs  # noqa: E402
+from edgevit.quant.pt2e import run_graph  # noqa: E402
 from edgevit.quant.qat import run_qat  # noqa: E402
 from edgevit.quant.spec import QuantSpec  # noqa: E402
 from edgevit.train import fine_tune  # noqa: E402
@@ -93,6 +96,31 @@ def test_qat_model_converts_to_a_w8a8_coreml_program(qat_result, tmp_path):
     assert artifact.details["int8"]["scheme"].startswith("W8A8") and artifact.details["int8"]["int8_weight_tensors"] > 0
     check = coreml.precheck(float_model, images, "int8")
     assert not check.failures and compare_outputs(check.reference, check.candidate)["cosine"] > 0.98
+
+
+def test_qat_model_exports_to_onnx_with_its_trained_scales(qat_result, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    _model, spec, result = qat_result
+    float_model = result.fine_tuned_float_model
+    images = load_fashion_mnist("test", float_model.cfg, limit=64).batch(list(range(64)))[0]
+    options = {"opset": 18, "dynamic_batch": True, "exporter": "torchscript", "simplify": True, "fp16_io": False}
+    artifact = onnx_target.export(float_model, images[:1], "int8", options, tmp_path, quant=spec)
+    details = artifact.details
+    assert details["exporter"] == "dynamo" and details["dynamic_batch"] is False
+    assert details["quantization"]["source"].startswith("the QAT int8 program")
+    graph = onnx.load(str(artifact.path)).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in constants]
+    assert activations and all(constants[n.input[2]].dtype == np.uint8 for n in activations)
+    # The scales are the ones the program trained with, not recalibrated ones.
+    program_scales = {round(float(n.args[1]), 9) for n in spec.qat_model.graph.nodes
+                      if "quantize_per_tensor" in str(n.target) and isinstance(n.args[1], float)}
+    assert {round(float(constants[n.input[1]]), 9) for n in activations} <= program_scales
+    got = onnx_target.load_runner(artifact.path, options)(images.numpy())
+    figures = compare_outputs(run_graph(spec.qat_model, images).numpy(), got)
+    assert figures["cosine"] > 0.995 and figures["top1_agreement"] >= 0.95, figures
 
 
 def test_qat_needs_calibration_images():
