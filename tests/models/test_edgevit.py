@@ -1,12 +1,14 @@
 """EdgeViT specifics: the authors' checkpoint format, the LGL structure, sparse sampling,
 inputs other than 224², and what the deploy form folds."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from edgevit.errors import EdgevitError
 from edgevit.models import create_model, to_deploy
-from edgevit.models.edgevit import GlobalSparseAttn, LocalAgg
+from edgevit.models.edgevit import GlobalSparseAttn, LocalAgg, TokenSpread
 from edgevit.models.layers import DropPath
 from edgevit.models.registry import get_family
 from edgevit.models.summary import stage_shapes
@@ -186,8 +188,24 @@ def test_exported_graph_has_no_op_xnnpack_leaves_out():
     names = {str(n.target) for n in ops}
     assert "aten.bmm.default" in names
     assert not {"aten.expand.default", "aten.unbind.int", "aten.squeeze.dims", "aten.select.int"} & names
+    # LocalProp's depthwise deconvolution became a multiply-add on the tokens (TokenSpread).
+    assert not [n for n in ops if str(n.target) == "aten.convolution.default" and n.args[6]]
     means = [n for n in ops if str(n.target) == "aten.mean.dim"]
     assert means and all(list(n.args[1]) == [2, 3] and n.args[2] for n in means)
     with torch.no_grad():
         features = torch.randn(2, 288, 7, 7)
         torch.testing.assert_close(deployed.forward_head(features, pre_logits=True), features.mean((2, 3)))
+
+
+def test_deploy_spreads_delegates_on_tokens_with_the_deconvolutions_values():
+    torch.manual_seed(0)
+    attention = GlobalSparseAttn(16, num_heads=2, sr_ratio=4).eval()
+    with torch.no_grad():  # a bias and taps far from zero, so a wrong tap order shows
+        attention.LocalProp.weight.normal_()
+        attention.LocalProp.bias.normal_()
+    deployed = copy.deepcopy(attention).deploy()
+    assert isinstance(deployed.LocalProp, TokenSpread)
+    x = torch.randn(2, 8 * 12, 16)
+    with torch.no_grad():
+        # kernel = stride: one multiply-add per output, so the same bits
+        assert torch.equal(deployed(x, 8, 12), attention(x, 8, 12))
