@@ -29,22 +29,31 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
     if precision == "int8" and quant is None:
         raise EdgevitError(f"ONNX int8 needs quantization settings: run  edgevit quantize {model.cfg.name} --target onnx")
     path = out_dir / f"{model.cfg.name}.onnx"
-    qat_program = quant.qat_model if precision == "int8" else None
-    if qat_program is not None:
-        return _export_qat_program(qat_program, example, options, path)
-    _torch_export(model, example, path, options)
-    graph = onnx.load(str(path))
-    if precision == "int8" and options["exporter"] == "dynamo":
-        # before onnxslim drops the metadata that says which module each node came from
-        from edgevit.quant.onnx_int8 import name_nodes_by_module
-        name_nodes_by_module(graph)
-    if options["simplify"]:
-        graph = _simplify(graph)
     quantization = None
-    if precision == "fp16":
-        graph, _ = convert_to_float16(graph, keep_io_float32=not options["fp16_io"], keep_ops=FP16_KEEP_FLOAT32)
-    elif precision == "int8":
-        graph, quantization = _to_int8(graph, model, quant)
+    if precision == "int8" and quant.qat_model is not None:
+        # QAT: the int8 program itself (batch 1, as converted), through the dynamo exporter (the one
+        # that takes a torch.export graph); no onnxslim, whose constant folding could turn the int8
+        # weights' DequantizeLinear into float weights; opset 20 keeps GELU one node.
+        from edgevit.quant.onnx_int8 import GELU_OPSET, from_pt2e_program
+
+        options = options | {"exporter": "dynamo", "dynamic_batch": False, "simplify": False,
+                             "opset": max(options["opset"], GELU_OPSET)}
+        _torch_export(quant.qat_model, example, path, options)
+        int8 = from_pt2e_program(onnx.load(str(path)))
+        graph, quantization = int8.model, int8.details
+    else:
+        _torch_export(model, example, path, options)
+        graph = onnx.load(str(path))
+        if precision == "int8" and options["exporter"] == "dynamo":
+            # before onnxslim drops the metadata that says which module each node came from
+            from edgevit.quant.onnx_int8 import name_nodes_by_module
+            name_nodes_by_module(graph)
+        if options["simplify"]:
+            graph = _simplify(graph)
+        if precision == "fp16":
+            graph, _ = convert_to_float16(graph, keep_io_float32=not options["fp16_io"], keep_ops=FP16_KEEP_FLOAT32)
+        elif precision == "int8":
+            graph, quantization = _to_int8(graph, model, quant)
     onnx.checker.check_model(graph, full_check=True)
     onnx.save(graph, str(path))
     ops = collections.Counter(node.op_type for node in graph.graph.node)
@@ -54,27 +63,6 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         "simplified": options["simplify"], "nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items())),
         "io_dtype": "float16" if precision == "fp16" and options["fp16_io"] else "float32",
         **({"quantization": quantization} if quantization else {}),
-    })
-
-
-def _export_qat_program(program, example: torch.Tensor, options: dict[str, Any], path: Path) -> ExportResult:
-    """The QAT int8 program (batch 1, as converted) through the dynamo exporter, which is the one
-    that takes a ``torch.export`` graph; no onnxslim, whose constant folding could turn the int8
-    weights' DequantizeLinear into float weights."""
-    import onnx
-
-    from edgevit.quant.onnx_int8 import GELU_OPSET, from_pt2e_program
-
-    settings = options | {"exporter": "dynamo", "dynamic_batch": False, "simplify": False,
-                          "opset": max(options["opset"], GELU_OPSET)}  # GELU stays one node
-    _torch_export(program, example, path, settings)
-    int8 = from_pt2e_program(onnx.load(str(path)))
-    onnx.save(int8.model, str(path))
-    ops = collections.Counter(node.op_type for node in int8.model.graph.node)
-    return ExportResult(path, {
-        "exporter": "dynamo", "opset": settings["opset"], "dynamic_batch": False, "simplified": False,
-        "nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items())), "io_dtype": "float32",
-        "quantization": int8.details,  # dynamic_batch False: the program was converted at batch 1
     })
 
 

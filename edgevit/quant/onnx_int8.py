@@ -628,21 +628,21 @@ def from_pt2e_program(model) -> Int8Graph:
 
     graph = model.graph
     g = _Graph(model)
-    shifted: dict[bytes, str] = {}  # int8 zero point's bytes → its uint8 initializer
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer} | {
+        n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.nodes if n.op_type == "Constant" and n.attribute}
+    shifted: dict[str, str] = {}  # int8 zero point → its uint8 twin (the int8 one may also serve weights)
 
     def uint8_zero_point(name: str) -> str:
-        value = _constant_value(graph, name)
-        key = value.tobytes() + bytes(str(value.shape), "ascii")
-        if key not in shifted:
-            shifted[key] = f"{name}_uint8_{len(shifted)}"
-            graph.initializer.append(numpy_helper.from_array((value.astype(np.int16) + 128).astype(np.uint8), shifted[key]))
-        return shifted[key]
+        if name not in shifted:
+            shifted[name] = f"{name}_uint8"
+            graph.initializer.append(numpy_helper.from_array((constants[name].astype(np.int16) + 128).astype(np.uint8), shifted[name]))
+        return shifted[name]
 
     rewritten: set[str] = set()
     for node in g.nodes:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[0] in g.constants:
             continue
-        zero_point = _constant_value(graph, node.input[2])
+        zero_point = constants.get(node.input[2])
         if zero_point is None or zero_point.dtype != np.int8:
             continue
         node.input[2] = uint8_zero_point(node.input[2])
