@@ -21,6 +21,7 @@ from edgevit.export import coreml, executorch  # noqa: E402
 from edgevit.export.pipeline import collapse_failure, compare_outputs  # noqa: E402
 from edgevit.models import create_model, get_model_cfg, load_checkpoint, to_deploy  # noqa: E402
 from edgevit.models.layers import mean_tokens  # noqa: E402
+from edgevit.profile.layers import executorch_layers  # noqa: E402
 from edgevit.quant import pt2e  # noqa: E402
 from edgevit.quant.recipes import quant_settings  # noqa: E402
 from edgevit.quant.spec import QuantSpec  # noqa: E402
@@ -234,6 +235,56 @@ def test_a_pad_between_quantized_ops_loads_in_xnnpack(tmp_path):
         expected = model(calibration[:1]).numpy()
     got = executorch.load_runner(result.path, XNNPACK)(calibration[:1].numpy())
     assert compare_outputs(expected, got)["cosine"] > 0.99
+
+
+class _ConvSiLU(nn.Module):
+    """MobileViT v2's conv → SiLU → 1×1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = types.SimpleNamespace(name="convsilu")
+        self.conv1, self.act, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(x)))
+
+
+def _silu_nodes(graph: torch.fx.GraphModule) -> tuple[torch.fx.Node, torch.fx.Node]:
+    sigmoid = next(n for n in graph.graph.nodes if n.target == torch.ops.aten.sigmoid.default)
+    product = next(n for n in graph.graph.nodes if n.target == torch.ops.aten.mul.Tensor)
+    return sigmoid, product
+
+
+def test_silu_runs_as_an_int8_sigmoid_and_product_in_xnnpack(tmp_path):
+    torch.manual_seed(0)
+    model, calibration = _ConvSiLU().eval(), torch.randn(8, 3, 16, 16)
+    exported = pt2e.export_graph(model, calibration[:1])
+    sigmoid, product = _silu_nodes(exported)
+    constness = pt2e._Constness()
+    assert (pt2e.op_kind(sigmoid, constness), pt2e.op_kind(product, constness)) == ("activation", "activation")
+    with torch.no_grad():  # the rewrite is SiLU's definition
+        torch.testing.assert_close(exported(calibration[:1]), model(calibration[:1]), rtol=0, atol=1e-6)
+
+    def is_int8(node: torch.fx.Node) -> bool:  # dequantized inputs, quantized output
+        return (all("dequantize" in str(value.target) for value in node.all_input_nodes)
+                and all("quantize_per_tensor" in str(user.target) for user in node.users))
+
+    ops_by_float_ops = {}
+    for float_ops in ((), ("activation",)):
+        spec = _spec(calibration=calibration, float_ops=float_ops)
+        sigmoid, product = _silu_nodes(pt2e.quantize(model, calibration[:1], spec).graph_module)
+        assert is_int8(sigmoid) == is_int8(product) == (not float_ops)
+        out_dir = tmp_path / "-".join(float_ops or ["int8"])
+        out_dir.mkdir()
+        result = executorch.export(model, calibration[:1], "int8", XNNPACK, out_dir, quant=spec)
+        assert result.details["delegated_share"] == 1.0
+        with torch.no_grad():
+            expected = model(calibration).numpy()
+        assert compare_outputs(expected, executorch.load_runner(result.path, XNNPACK)(calibration.numpy()))["cosine"] > 0.999
+        ops_by_float_ops[float_ops] = set(executorch_layers(result.path, threads=1, runs=1)["ops"])
+    # XNNPACK's own op names (ETDump): its float sigmoid only where SiLU was kept float.
+    assert "Sigmoid (NC)" in ops_by_float_ops[("activation",)]
+    assert "Sigmoid (NC)" not in ops_by_float_ops[()], ops_by_float_ops[()]
 
 
 def test_an_int8_head_collapses_small_logits_and_a_float_head_does_not(tmp_path):
