@@ -628,14 +628,16 @@ def from_pt2e_program(model) -> Int8Graph:
 
     graph = model.graph
     g = _Graph(model)
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer} | {
-        n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.nodes if n.op_type == "Constant" and n.attribute}
+    # Constant tensors by name, decoded only when read (zero points: a few bytes; weights are skipped).
+    constants = {t.name: t for t in graph.initializer} | {
+        n.output[0]: n.attribute[0].t for n in g.nodes if n.op_type == "Constant" and n.attribute}
     shifted: dict[str, str] = {}  # int8 zero point → its uint8 twin (the int8 one may also serve weights)
 
     def uint8_zero_point(name: str) -> str:
         if name not in shifted:
             shifted[name] = f"{name}_uint8"
-            graph.initializer.append(numpy_helper.from_array((constants[name].astype(np.int16) + 128).astype(np.uint8), shifted[name]))
+            zero_point = numpy_helper.to_array(constants[name]).astype(np.int16) + 128
+            graph.initializer.append(numpy_helper.from_array(zero_point.astype(np.uint8), shifted[name]))
         return shifted[name]
 
     rewritten: set[str] = set()
@@ -643,7 +645,7 @@ def from_pt2e_program(model) -> Int8Graph:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[0] in g.constants:
             continue
         zero_point = constants.get(node.input[2])
-        if zero_point is None or zero_point.dtype != np.int8:
+        if zero_point is None or zero_point.data_type != onnx.TensorProto.INT8:
             continue
         node.input[2] = uint8_zero_point(node.input[2])
         rewritten.add(node.output[0])

@@ -173,7 +173,7 @@ def silu_as_sigmoid_product(graph_module: torch.fx.GraphModule) -> torch.fx.Grap
     """
     graph = graph_module.graph
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.ops.aten.silu.default, torch.ops.aten.silu_.default):
+        if node.op != "call_function" or node.target != torch.ops.aten.silu.default:  # export graphs are functional
             continue
         with graph.inserting_after(node):
             gate = graph.call_function(torch.ops.aten.sigmoid.default, (node.args[0],))
