@@ -36,6 +36,7 @@ from edgevit.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 from edgevit.evaluate import evaluate
 from edgevit.export.onnx import session
 from edgevit.export.pipeline import export_model
+from edgevit.host import host_isa
 from edgevit.models import create_model
 from edgevit.profile.timing import measure, thread_settings
 from edgevit.quant import quantize_model
@@ -156,8 +157,11 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     console = Console(width=None if os.isatty(1) else 160)  # saved logs keep whole table rows
-    results: dict = {"threads": THREADS, "settings": thread_settings(), "args": vars(args) | {"json": str(args.json)},
-                     "models": {}}
+    # int8 speed depends on the CPU's instructions (VNNI or not): every result names them.
+    results: dict = {"threads": THREADS, "settings": thread_settings(), "host": host_isa(),
+                     "args": vars(args) | {"json": str(args.json)}, "models": {}}
+    console.print(f"host: {results['host']['machine']}, int8 features {' '.join(results['host']['features']) or 'unknown'} "
+                  f"({results['host']['int8_kernels']})")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in args.models.split(","):
@@ -173,6 +177,8 @@ def main() -> None:
         console.print(_accuracy_table(results, args))
     if not args.skip_latency:
         console.print(_latency_table(results, args))
+        for line in _slower_int8(results):
+            console.print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
         console.print(f"saved {args.json}")
@@ -224,6 +230,20 @@ def _latency_table(results, args) -> Table:
         table.add_row(name, *(f"{p50[k]:.2f}" + (" (noisy)" if k in noisy else "") for k in columns),
                       f"{speedup:.2f}× {_mark(speedup >= INT8_VS_FP32)}", f"{best:.2f}× {_mark(best >= BEST_VS_STOCK)}")
     return table
+
+
+def _slower_int8(results) -> list[str]:
+    """One line per int8 artifact slower than edgevit's own fp32 of the same runtime on this host:
+    there, the fp32 artifact is the one to ship."""
+    host = results["host"]
+    lines = []
+    for name, entry in results["models"].items():
+        for int8, fp32 in (("onnx_int8", "onnx_fp32"), ("pte_int8", "pte_fp32")):
+            p50 = {k: entry.get("latency", {}).get(k, {}).get("p50_ms") for k in (int8, fp32)}
+            if None not in p50.values() and p50[int8] > p50[fp32]:
+                lines.append(f"{name}: {int8} ({p50[int8]:.2f} ms) is slower than {fp32} ({p50[fp32]:.2f} ms) on this host "
+                             f"({host['int8_kernels']}): ship fp32 here")
+    return lines or [f"every int8 artifact is faster than its fp32 on this host ({host['int8_kernels']})"]
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         # Quantized ops the delegate did not take run in portable kernels, outside XNNPACK.
         details["non_delegated_int8_ops"] = {op: n for op, n in stats["non_delegated_ops"].items() if "quantize" in op}
         details["quantization"] = quantization
+        details["int8_kernels"] = pt2e.kernel_exactness(model)
     if backend == "coreml":
         details |= {"coreml_compute_precision": "float32", "coreml_compute_units": "all",
                     "coreml_minimum_deployment_target": COREML_DEPLOYMENT_TARGET}

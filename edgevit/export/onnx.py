@@ -63,7 +63,14 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         "simplified": options["simplify"], "nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items())),
         "io_dtype": "float16" if precision == "fp16" and options["fp16_io"] else "float32",
         **({"quantization": quantization} if quantization else {}),
+        **({"int8_kernels": _int8_kernels(graph)} if precision == "int8" else {}),
     })
+
+
+def _int8_kernels(graph) -> dict[str, Any]:
+    from edgevit.quant.onnx_int8 import kernel_exactness
+
+    return kernel_exactness(graph)
 
 
 def _to_int8(graph, model: nn.Module, quant):
@@ -177,21 +184,24 @@ def _repair_node_order(graph) -> None:
     graph.node.extend(ordered)
 
 
-def session(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """An onnxruntime session with full graph optimisation (shared with the profiler)."""
+def session(path: Path, threads: int | None = None, providers: list[str] | None = None, fuse_qdq: bool = True):
+    """An onnxruntime session with full graph optimisation (shared with the profiler);
+    ``fuse_qdq=False`` runs Q/DQ pairs in float instead of fusing them into int8 kernels."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if not fuse_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
-def load_runner(path: Path, options: dict[str, Any]) -> Runner:
-    sess = session(path)
+def load_runner(path: Path, options: dict[str, Any], fuse_qdq: bool = True) -> Runner:
+    sess = session(path, fuse_qdq=fuse_qdq)
     meta = sess.get_inputs()[0]
     static_batch = meta.shape[0] if isinstance(meta.shape[0], int) else None
     dtype = np.float16 if meta.type == "tensor(float16)" else np.float32

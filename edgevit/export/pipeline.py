@@ -28,6 +28,7 @@ from edgevit.errors import EdgevitError
 from edgevit.export import get_target
 from edgevit.export.base import RuntimeUnavailable
 from edgevit.export.recipes import Recipe, resolve_recipe
+from edgevit.host import host_isa
 from edgevit.models import create_model, get_model_cfg, load_checkpoint, to_deploy
 
 _PARTIAL_PREFIX = ".edgevit-partial-"
@@ -75,6 +76,7 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray) -> dict[str, f
         "max_abs_error": float(difference.max()) if finite else float("inf"),
         "max_rel_error": float(difference.max() / max(np.abs(reference).max(), 1e-30)) if finite else float("inf"),
         "cosine": float(cosine.min()) if finite else 0.0,  # the worst sample, not the mean
+        "mean_cosine": float(cosine.mean()) if finite else 0.0,
         "top1_agreement": float(np.mean(reference.argmax(1) == candidate.argmax(1))),
         # A collapsed artifact (e.g. int8 scales larger than the logit range) gives few values.
         "distinct_values": int(len(np.unique(candidate.round(6)))),
@@ -104,7 +106,16 @@ def build_quant_spec(cfg, recipe: Recipe, calibration: Any, extra_float_modules:
         return QuantSpec(**settings)  # needs no calibration; verification then uses synthetic images
     if calibration is None:
         raise EdgevitError(f"{settings['mode']} int8 needs calibration images: use  edgevit quantize {cfg.name} --target {recipe.target} --calib-data DIR")
-    return QuantSpec(**settings, calibration=calibration.inputs, calibration_summary=calibration.summary)
+    calibrate_on, held_out = split_held_out(calibration.inputs, recipe.verify_batch)
+    return QuantSpec(**settings, calibration=calibrate_on, held_out=held_out, calibration_summary=calibration.summary)
+
+
+def split_held_out(images: torch.Tensor, verify_batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images to calibrate on, images to verify on): a quarter of the user's sample, at most the
+    recipe's verification batch, is held out, so int8 is judged on images its ranges were not
+    fitted to (the sample is already a fixed-seed random draw). A single image cannot be split."""
+    held = min(verify_batch, max(1, len(images) // 4)) if len(images) > 1 else 0
+    return (images[:len(images) - held], images[len(images) - held:]) if held else (images, None)
 
 
 def load_eval_model(name: str, weights: str | None):
@@ -168,13 +179,19 @@ def export_model(
     eval_model, report = load_eval_model(cfg.name, weights)
     cfg = eval_model.cfg  # a trained checkpoint's classes / input size
     deploy_model = float_model if float_model is not None else to_deploy(eval_model)
+    qat_program = quant.qat_model if quant is not None else None
+    reference_model = float_model if float_model is not None else eval_model
+    seen = None  # the calibration images, when verification runs on held-out ones
     if quant is not None and quant.calibration is not None:
-        # int8 is judged on real images: the calibration sample's first images.
-        example = quant.calibration[:chosen.verify_batch].float()
+        # int8 is judged on real images, those calibration did not see where the sample allows.
+        if quant.held_out is not None and len(quant.held_out):
+            example = quant.held_out[:chosen.verify_batch].float()
+            seen = quant.calibration[:chosen.verify_batch].float()
+        else:
+            example = quant.calibration[:chosen.verify_batch].float()
     else:
         example = verification_batch(cfg, chosen.verify_batch)
-    qat_program = quant.qat_model if quant is not None else None
-    reference = _reference_outputs(qat_program, float_model if float_model is not None else eval_model, example)
+    reference = _reference_outputs(qat_program, reference_model, example)
     seconds["load"] = time.perf_counter() - clock
 
     _remove_stale_partials(out_dir)
@@ -190,8 +207,19 @@ def export_model(
         clock = time.perf_counter()
         if verify:
             step(f"verifying in {spec.runtime}")
-            verification = _verify(implementation, result.path, chosen, deploy_model, example, reference,
+            verification = _verify(implementation, result, chosen, deploy_model, example, reference,
                                    qat=qat_program is not None)
+            verification["images"] = ("held out from calibration" if seen is not None else
+                                       "calibration images" if quant is not None and quant.calibration is not None
+                                       else "synthetic (uniform 8-bit pixels, the model's normalisation)")
+            if seen is not None:
+                # The same check on images calibration saw, for the record: a large gap means the
+                # ranges fit the sample rather than the data.
+                seen_figures = _verify(implementation, result, chosen, deploy_model, seen,
+                                       _reference_outputs(qat_program, reference_model, seen), qat=qat_program is not None)
+                verification["calibration_images"] = {k: seen_figures[k] for k in (
+                    "batch", "cosine", "mean_cosine", "max_rel_error", "top1_agreement", "passed")}
+            verification["host"] = host_isa()
         else:
             verification = {"check": "skipped (--no-verify)", "passed": None}
         seconds["verify"] = time.perf_counter() - clock
@@ -228,11 +256,11 @@ def _reference_outputs(qat_program, float_model: nn.Module, example: torch.Tenso
         return float_model(example).numpy()
 
 
-def _verify(implementation, artifact: Path, recipe: Recipe, deploy_model: nn.Module,
+def _verify(implementation, result, recipe: Recipe, deploy_model: nn.Module,
             example: torch.Tensor, reference: np.ndarray, qat: bool = False) -> dict[str, Any]:
     notes: list[str] = []
     try:
-        runner = implementation.load_runner(artifact, recipe.options)
+        runner = implementation.load_runner(result.path, recipe.options)
         candidate = runner(example.numpy())
         check = get_target(recipe.target).runtime
         compared_with = reference
@@ -240,12 +268,12 @@ def _verify(implementation, artifact: Path, recipe: Recipe, deploy_model: nn.Mod
         precheck = getattr(implementation, "precheck", None)
         if precheck is None:
             return {"check": f"not run: {unavailable}", "passed": None}
-        result = precheck(deploy_model, example, recipe.precision)
-        check = f"{result.name} (artifact not run: {unavailable})"
-        candidate, notes = result.candidate, result.notes
+        checked = precheck(deploy_model, example, recipe.precision)
+        check = f"{checked.name} (artifact not run: {unavailable})"
+        candidate, notes = checked.candidate, checked.notes
         # a pre-check compares with the deploy model; QAT answers to its int8 program (see _reference_outputs)
-        compared_with = reference if qat else result.reference
-        precheck_failures = result.failures
+        compared_with = reference if qat else checked.reference
+        precheck_failures = checked.failures
     else:
         precheck_failures = []
     figures = compare_outputs(compared_with, candidate)
@@ -255,7 +283,13 @@ def _verify(implementation, artifact: Path, recipe: Recipe, deploy_model: nn.Mod
         failures.append(collapse)
     if not figures["finite"]:
         failures.insert(0, "output has NaN or Inf")
+    # The static half of an int8 check: the numbers above hold on this host's kernels; the
+    # target's reading of the artifact says on which other CPUs they hold too.
+    kernels = result.details.get("int8_kernels")
+    if kernels is not None and kernels.get("not_exact_on"):
+        failures += [f"not exact on {cpu}: {why}" for cpu, why in kernels["not_exact_on"].items()]
     return {"check": check, "batch": len(example), **figures, "tolerances": recipe.to_dict()["verify"],
+            **({"int8_kernels": kernels} if kernels is not None else {}),
             "passed": not failures, "failures": failures, "notes": notes}
 
 

@@ -75,6 +75,9 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         details["float16"] = kept
     elif precision == "int8":
         graph, details["int8"] = _quantize(model, path, quant, options)
+        # No CPU runs this artifact; NVIDIA's int8 tensor-core (IMMA) and DP4A paths accumulate
+        # four-way byte products in int32, with no 16-bit step to saturate.
+        details["int8_kernels"] = {"exact_on": ["NVIDIA GPUs (int32 accumulation)"], "not_exact_on": {}}
     else:
         graph = onnx.load(str(path))
     if precision != "fp32":
@@ -429,7 +432,9 @@ def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> Prechec
     path = _EXPORTED_ONNX.get(model)
     if path is None or not path.is_file():
         raise EdgevitError("the TensorRT pre-check runs the ONNX export() wrote for this model in this process; export first")
-    run = onnx_target.load_runner(path, {})
+    # Q/DQ fusion off: onnxruntime then computes every Q/DQ pair in float, as TensorRT's int32
+    # accumulation does, instead of its CPU int8 kernels (whose results depend on the host's ISA).
+    run = onnx_target.load_runner(path, {}, fuse_qdq=False)
     candidate = run(example.numpy())
     with torch.no_grad():
         reference = model(example).numpy()

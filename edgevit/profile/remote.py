@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgevit import host
 from edgevit.errors import EdgevitError
 from edgevit.profile import runtimes, timing
 
 # The worker and what it imports: all an ssh device needs from edgevit.
-WORKER_FILES = (Path(runtimes.__file__), Path(timing.__file__))
+# host.py goes along so that results measured over ssh record the device's ISA.
+WORKER_FILES = (Path(runtimes.__file__), Path(timing.__file__), Path(host.__file__))
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds edgevit/
 # Seconds for one measurement: loading, warm-up and the runs of a small model on a slow board.
 MEASURE_TIMEOUT_S = 600

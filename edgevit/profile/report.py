@@ -14,6 +14,7 @@ Accuracy (optional; edgevit's ``eval`` will write it): a JSON file ::
 """
 from __future__ import annotations
 
+import itertools
 import json
 import textwrap
 from collections import Counter
@@ -50,6 +51,8 @@ class Row:
     ratio_note: str = ""  # "" both measured; "est." an estimate is involved
     top1: float | None = None
     source: str = ""
+    host: str = ""  # the machine that measured it: its hostname, else the device's name
+    isa: dict[str, Any] | None = None  # its CPU's int8 features (edgevit.host); None: not recorded
 
     label: str = ""  # "#k": the k-th of several runs of the same model, device, runtime and threads
 
@@ -67,7 +70,7 @@ def build_rows(documents: list[dict[str, Any]], accuracy: list[dict[str, Any]] |
             runtime=m["runtime"], target=m["target"], precision=doc["precision"], threads=m.get("threads"),
             status=m["status"], p50_ms=m["p50_ms"], p90_ms=m.get("p90_ms"), noisy=bool(m.get("noisy")),
             noise=list(m.get("noise") or ([_OLD_NOISE] if m.get("noisy") else [])), cpu_ms=m.get("cpu_ms"),
-            source=doc.get("source", ""))
+            source=doc.get("source", ""), **_host(doc["device"]))
         for doc in documents for m in doc["measurements"] if m["status"] != "skipped"
     ]
     repeats = Counter((row.model, row.column) for row in rows)
@@ -94,6 +97,11 @@ def build_rows(documents: list[dict[str, Any]], accuracy: list[dict[str, Any]] |
     estimated = sorted(model for model, row in baselines.items() if row.status == "estimate")
     return rows, (f"desktop-GPU baseline estimated (roofline, no launch overheads), not measured, for "
                   f"{', '.join(estimated)}: its ratios are marked est." if estimated else None)
+
+
+def _host(device: dict[str, Any]) -> dict[str, Any]:
+    fingerprint = device.get("fingerprint") or {}  # None: an estimate, adb, or a results file from before
+    return {"host": fingerprint.get("hostname") or device["name"], "isa": fingerprint.get("isa")}
 
 
 def _rank(row: Row) -> tuple[bool, float]:
@@ -147,10 +155,47 @@ def noise_notes(rows: list[Row]) -> list[str]:
     return [f"! {row.model} on {row.column}: " + "; ".join(row.noise) for row in rows if row.noisy]
 
 
+# Their int8 runs on the GPU: the host CPU's ISA does not decide it.
+GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-tensorrt", "torch-cuda", "tensorrt")
+
+
+def isa_warnings(rows: list[Row]) -> list[str]:
+    """One line per pair of hosts whose int8 latencies sit side by side though their CPUs run int8
+    differently (VNNI or not, dot product or not: :mod:`edgevit.host`), so the gap may be the
+    hosts' rather than the models'. A host that did not record its ISA (results from before it
+    was recorded, adb) is warned about next to one that did; estimates ran nowhere."""
+    hosts: dict[tuple[str, tuple | None], dict[str, Any] | None] = {}
+    for row in rows:
+        if row.precision == "int8" and row.status == "measured" and row.runtime not in GPU_RUNTIMES:
+            hosts.setdefault((row.host, _isa_key(row.isa)), row.isa)
+    lines = []
+    for (a, key_a), (b, key_b) in itertools.combinations(hosts, 2):
+        if key_a == key_b:  # the same ISA, or two hosts that both did not record it
+            continue
+        kind = "unknown" if None in (key_a, key_b) else "different"
+        lines.append(f"warning: int8 latencies compared across hosts of {kind} ISA: {a} ({_isa_text(hosts[a, key_a])}) "
+                     f"vs {b} ({_isa_text(hosts[b, key_b])}); int8 speed depends on it")
+    return lines
+
+
+def _isa_key(isa: Any) -> tuple | None:
+    if not isinstance(isa, dict):
+        return None
+    return isa.get("machine"), isa.get("int8_kernels"), tuple(isa.get("features") or ())
+
+
+def _isa_text(isa: Any) -> str:
+    if not isinstance(isa, dict):
+        return "ISA not recorded"
+    features = " ".join(isa.get("features") or []) or "no int8 features found"
+    return f"{isa.get('int8_kernels') or isa.get('machine') or 'unknown CPU'}: {features}"
+
+
 def table(rows: list[Row], note: str | None) -> Table:
     models, columns, cells = _pivot(rows)
     result = Table(title="p50 latency by model and device/runtime", box=box.SIMPLE_HEAD,
-                   caption="\n".join([LEGEND, *([note] if note else []), *noise_notes(rows)]), caption_justify="left")
+                   caption="\n".join([LEGEND, *([note] if note else []), *isa_warnings(rows), *noise_notes(rows)]),
+                   caption_justify="left")
     result.add_column("model", no_wrap=True)
     for column in columns:
         result.add_column(column, justify="right")
@@ -165,12 +210,13 @@ def markdown(rows: list[Row], note: str | None) -> str:
     for model in models:
         lines.append(f"| {model} | " + " | ".join(_cell(cells[(model, c)]) if (model, c) in cells else "–"
                                                 for c in columns) + " |")
-    notes = "".join(f"\n- {line}" for line in noise_notes(rows))
+    notes = "".join(f"\n- {line}" for line in [*isa_warnings(rows), *noise_notes(rows)])
     return "\n".join(lines) + f"\n\n{LEGEND}." + (f"\n\n{note}." if note else "") + (f"\n{notes}" if notes else "") + "\n"
 
 
 def to_json(rows: list[Row], note: str | None) -> str:
-    return json.dumps({"baseline": BASELINE_KIND, "note": note, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+    return json.dumps({"baseline": BASELINE_KIND, "note": note, "warnings": isa_warnings(rows),
+                       "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
 
 
 def plot(rows: list[Row], note: str | None, path: Path) -> Path:

@@ -16,6 +16,11 @@ an estimate, or a skip with its reason) per target.
         "peak_flops", "memory_bandwidth", "layers_ms"},
        {"status": "skipped", "target", "runtime", "reason"}]}
 
+The fingerprint (the measuring machine's hostname, cpu, …) holds ``isa``, its CPU's int8 features
+and kernel class (:func:`edgevit.host.host_isa`; None where the worker ran without ``host.py``).
+Over adb there is no fingerprint, and results written before ``isa`` lack it: reports take all
+of these as an unknown ISA.
+
 An estimate carries only ``p50_ms`` (no distribution): it is a roofline, not a run. Results
 written before ``noise``/``repeats`` existed still load (a noisy flag without reasons).
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -251,7 +252,27 @@ def fingerprint() -> dict:
                 break
     return {"hostname": platform.node(), "system": platform.system(), "release": platform.release(),
             "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "numpy": np.__version__}
+            "python": platform.python_version(), "numpy": np.__version__, "isa": host_isa()}
+
+
+def host_isa() -> dict | None:
+    """:func:`edgevit.host.host_isa`: int8 latencies compare only across hosts of one ISA class.
+    As a script, ``host.py`` is loaded from its file (beside this one when copied to a device,
+    one folder up in a checkout), since importing edgevit would load torch; None where it is not
+    there, which reports treat as an unknown ISA."""
+    if __package__:
+        from edgevit.host import host_isa as record
+
+        return record()
+    here = Path(__file__).resolve().parent
+    # One folder up only inside an edgevit checkout: on a device that folder is the shared /tmp.
+    for path in (here / "host.py", *([here.parent / "host.py"] if here.parent.name == "edgevit" else [])):
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location("edgevit_host", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module.host_isa()
+    return None
 
 
 def _example(shape: list[int]) -> np.ndarray:

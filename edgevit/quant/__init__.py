@@ -104,7 +104,7 @@ def quantize_model(
         if result is None:
             data = training_data(train_data, cfg, limit=train_limit)
             step(f"QAT: fine-tuning {cfg.name} with fake quantization on {train_data}")
-            result = run_qat(to_deploy(eval_model), data, calibration.inputs, spec, epochs=qat_epochs, lr=qat_lr)
+            result = run_qat(to_deploy(eval_model), data, spec.calibration, spec, epochs=qat_epochs, lr=qat_lr)
         outcome.qat, outcome.qat_result = result.figures, result
         outcome.export = export_model(model, **export_kwargs, quant=spec.with_changes(qat_model=result.converted_model),
                                       float_model=result.fine_tuned_float_model, out_dir=out_dir)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import fnmatch
 from typing import Any, Callable
 
@@ -452,6 +453,36 @@ def quantize(model: nn.Module, example: torch.Tensor, spec: QuantSpec) -> Quanti
         raise EdgevitError("the quantizer found nothing to quantize (every op is kept float or has no int8 "
                            "pattern); keep fewer float_ops/float_modules")
     return QuantizedProgram(graph, details)
+
+
+def kernel_exactness(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
+    """Which classes of CPU (``edgevit.host.INT8_KERNEL_CLASSES``) run a converted program's int8
+    exactly in XNNPACK. Its x86 kernels widen to 16 bits before multiplying (SSE/AVX2/AVX-512) or
+    use VNNI; on Arm without dot product its "mlal" GEMMs and "mla8" depthwise convolutions add
+    two s8·s8 products in an int16, which wraps only for (-128)·(-128), and the quantizer's
+    weights stop at -127. So the program is exact everywhere unless a stored weight is -128."""
+    from edgevit.host import ARM_NO_DOT, INT8_KERNEL_CLASSES
+
+    checked, minus_128 = 0, []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or "dequantize_per" not in str(node.target) or not node.args:
+            continue
+        stored = node.args[0]
+        # Only weights pair up in a dot product; a constant quantized as an activation (a
+        # position bias into an add) may use -128 freely.
+        is_weight = any(user.op == "call_function" and any(k in str(user.target) for k in ("conv", "linear"))
+                        and len(user.args) > 1 and user.args[1] is node for user in node.users)
+        if getattr(stored, "op", None) != "get_attr" or not is_weight:
+            continue
+        weight = functools.reduce(getattr, stored.target.split("."), graph_module)
+        if isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
+            checked += 1
+            if int(weight.min()) == -128:
+                minus_128.append(stored.target)
+    not_exact = {ARM_NO_DOT: f"{INT8_KERNEL_CLASSES[ARM_NO_DOT]}; {len(minus_128)} weights hold -128 "
+                             f"(first {minus_128[0]})"} if minus_128 else {}
+    return {"checked_weights": checked, "exact_on": [c for c in INT8_KERNEL_CLASSES if c not in not_exact],
+            "not_exact_on": not_exact}
 
 
 def _checked_calibration(calibration: torch.Tensor | None, example: torch.Tensor) -> torch.Tensor:

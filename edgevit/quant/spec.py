@@ -38,6 +38,8 @@ class QuantSpec:
     float_ops: tuple[str, ...] = ()  # OP_KINDS kept in float
     float_modules: tuple[str, ...] = ()  # fnmatch patterns over the deploy model's module names kept in float
     calibration: torch.Tensor | None = field(default=None, compare=False)  # preprocessed NCHW float32 sample
+    # Images of the user's sample that calibration never saw: what the artifact is verified on.
+    held_out: torch.Tensor | None = field(default=None, compare=False)
     calibration_summary: dict[str, Any] = field(default_factory=dict, compare=False)
     # mode "qat": the fine-tuned model after PT2E convert (ExecuTorch and Core ML lower it as is,
     # ONNX exports it; TensorRT quantizes the fine-tuned float weights with the same calibration).
@@ -71,4 +73,6 @@ class QuantSpec:
         """For the manifest."""
         return {"mode": self.mode, "method": self.method if self.needs_calibration else None,
                 "per_channel": self.per_channel, "float_ops": list(self.float_ops),
-                "float_modules": list(self.float_modules), "calibration": self.calibration_summary or None}
+                "float_modules": list(self.float_modules), "calibration": (self.calibration_summary | {
+                    "calibrated_on": len(self.calibration), "held_out_for_verification": len(self.held_out)
+                    if self.held_out is not None else 0}) if self.calibration_summary else None}

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from edgevit import host
 from tests.profile.conftest import FAST
 
 
@@ -35,6 +36,7 @@ def test_results_file_holds_the_protocol(two_runs):
     data = json.loads(two_runs[0].read_text())
     assert data["schema"] == "edgevit-profile/1" and data["device"]["name"] == "host-cpu"
     assert data["device"]["fingerprint"]["cpu_count"] >= 1
+    assert data["device"]["fingerprint"]["isa"] == host.host_isa()  # the worker ran as a script, without edgevit
     (entry,) = data["measurements"]
     assert entry["status"] == "measured" and entry["threads"] == 1 and entry["isolated"]
     assert entry["artifact"]["sha256"] and entry["artifact"]["verified"] is True and entry["runtime_version"]
@@ -93,6 +95,84 @@ def test_report_marks_ratios_to_an_estimated_baseline(cli, two_runs, tmp_path):
     assert rows["desktop-gpuNone"]["status"] == "estimate"
     assert rows["host-cpu1"]["ratio_note"] == "est." and rows["host-cpu1"]["ratio_to_baseline"] > 1
     assert rows["host-cpu1"]["top1"] == 76.5
+
+
+def _elsewhere(source, path, precision="int8", hostname=None, isa=None, runtime=None, legacy=False):
+    """A real results file rewritten as if measured at another precision, on another host (with
+    ``isa``), in another runtime, or before the ISA was recorded (``legacy``)."""
+    data = json.loads(source.read_text())
+    data["precision"] = precision
+    fingerprint = data["device"]["fingerprint"]
+    fingerprint["hostname"] = hostname or fingerprint["hostname"]
+    fingerprint["isa"] = isa or fingerprint["isa"]
+    if legacy:
+        del fingerprint["isa"]
+    for entry in data["measurements"]:
+        entry["runtime"] = runtime or entry["runtime"]
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _other_isa():
+    """An int8 kernel class this machine is not of: the second host's."""
+    if host.int8_kernel_class() == host.X86_NO_VNNI:
+        return {"machine": "x86_64", "features": ["avx2", "avx512f", "avx512bw", "avx512_vnni"],
+                "int8_kernels": host.X86_VNNI}
+    return {"machine": "x86_64", "features": ["avx2"], "int8_kernels": host.X86_NO_VNNI}
+
+
+def _reports(cli, paths, tmp_path):
+    """The printed table (whitespace folded: rich wraps the caption), the Markdown and the JSON."""
+    md, js = tmp_path / "r.md", tmp_path / "r.json"
+    code, out, err = cli("profile", "report", *map(str, paths), "--markdown", str(md), "--json", str(js))
+    assert code == 0, err
+    return " ".join(out.split()), md.read_text(), json.loads(js.read_text())
+
+
+def _hostname(two_runs):
+    return json.loads(two_runs[0].read_text())["device"]["fingerprint"]["hostname"]
+
+
+def _this_host(two_runs):
+    features = " ".join(host.cpu_features()) or "no int8 features found"
+    return f"{_hostname(two_runs)} ({host.int8_kernel_class()}: {features})"
+
+
+def test_int8_across_isa_classes_warns_in_every_report(cli, two_runs, tmp_path):
+    other = _other_isa()
+    here = _elsewhere(two_runs[0], tmp_path / "here.json")
+    there = _elsewhere(two_runs[1], tmp_path / "there.json", hostname="other-host", isa=other)
+    table, md, js = _reports(cli, [here, there], tmp_path)
+    expected = (f"warning: int8 latencies compared across hosts of different ISA: {_this_host(two_runs)} vs other-host "
+                f"({other['int8_kernels']}: {' '.join(other['features'])}); int8 speed depends on it")
+    assert js["warnings"] == [expected] and f"\n- {expected}\n" in md and expected in table
+    assert {r["host"] for r in js["rows"]} == {"other-host", _hostname(two_runs)}
+
+
+def test_no_isa_warning_for_one_isa_for_fp32_or_for_estimates(cli, two_runs, tmp_path):
+    other = _other_isa()
+    here = _elsewhere(two_runs[0], tmp_path / "here.json")
+    twin = _elsewhere(two_runs[1], tmp_path / "twin.json", hostname="twin-host")  # another host of the same ISA
+    fp32 = _elsewhere(two_runs[1], tmp_path / "fp32.json", precision="fp32", hostname="other-host", isa=other)
+    gpu = _elsewhere(two_runs[1], tmp_path / "gpu.json", hostname="gpu-host", isa=other, runtime="tensorrt")
+    estimate = tmp_path / "estimate.json"  # a real int8 estimate: no host at all
+    code, _, err = cli("profile", "levit_128s", "--device", "desktop-gpu", "--targets", "torch", "--precision", "int8",
+                       "--estimate", "--save", str(estimate))
+    assert code == 0, err
+    for paths in ([here, twin], [two_runs[0], fp32], [here, gpu, estimate]):
+        table, md, js = _reports(cli, paths, tmp_path)
+        assert js["warnings"] == [] and "warning:" not in md + table, paths
+
+
+def test_results_without_isa_warn_that_it_is_unknown(cli, two_runs, tmp_path):
+    here = _elsewhere(two_runs[0], tmp_path / "here.json")
+    old = _elsewhere(two_runs[1], tmp_path / "old.json", hostname="old-host", legacy=True)
+    table, md, js = _reports(cli, [here, old], tmp_path)
+    expected = (f"warning: int8 latencies compared across hosts of unknown ISA: {_this_host(two_runs)} vs old-host "
+                "(ISA not recorded); int8 speed depends on it")
+    assert js["warnings"] == [expected] and expected in md and expected in table
+    older = _elsewhere(two_runs[0], tmp_path / "older.json", hostname="older-host", legacy=True)
+    assert _reports(cli, [old, older], tmp_path)[2]["warnings"] == []  # nothing recorded to compare: as before
 
 
 def test_desktop_gpu_skips_cleanly_without_cuda(cli, artifacts_dir):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edgevit import host
 from edgevit.errors import EdgevitError
 from edgevit.profile.remote import AdbDevice, Request, SshDevice
 
@@ -66,6 +67,13 @@ def test_ssh_runner_measures_on_a_real_sshd(sshd, artifacts_dir):
     assert result["peak_rss_mb"] > 0 and result["fingerprint"]["hostname"]
     leftovers = SshDevice(sshd)._ssh("ls -d /tmp/edgevit-profile.* 2>/dev/null | wc -l", 20, "listing")
     assert leftovers.stdout.strip() == "0"  # the remote work folder was removed
+
+
+def test_ssh_results_record_the_isa(sshd, artifacts_dir):
+    # The worker runs where edgevit cannot be imported: host.py travels beside it.
+    artifact = artifacts_dir / "levit_128s-onnx-fp32" / "levit_128s.onnx"
+    found = SshDevice(sshd).measure(Request("onnxruntime", artifact, threads=1, runs=10, max_warmup=10))
+    assert found["fingerprint"]["isa"] == host.host_isa()
 
 
 def test_unreachable_ssh_host_fails_fast_with_one_line():

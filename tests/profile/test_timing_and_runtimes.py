@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from edgevit import host
 from edgevit.profile import runtimes, timing
 from edgevit.profile.remote import Request, measure_in_subprocess
 
@@ -89,3 +90,8 @@ def test_worker_script_reports_an_unavailable_runtime(tiny_pte):
                                 str(tiny_pte)], capture_output=True, text=True, timeout=120)
     assert completed.returncode == runtimes.EXIT_UNAVAILABLE
     assert "unavailable" in json.loads(completed.stdout.splitlines()[-1])
+
+
+def test_fingerprint_records_the_host_isa():
+    isa = runtimes.fingerprint()["isa"]
+    assert isa == host.host_isa() and isa["int8_kernels"] == host.int8_kernel_class()

@@ -12,7 +12,8 @@ from edgevit.errors import EdgevitError
 from edgevit.export import onnx as onnx_target
 from edgevit.export.pipeline import collapse_failure, compare_outputs
 from edgevit.models import create_model, to_deploy
-from edgevit.quant.onnx_int8 import module_scopes, node_kinds, node_module
+from edgevit.host import ARM_NO_DOT, INT8_KERNEL_CLASSES, X86_NO_VNNI
+from edgevit.quant.onnx_int8 import PAIR_LIMIT, kernel_exactness, module_scopes, node_kinds, node_module
 from edgevit.export.recipes import resolve_recipe
 from edgevit.quant.recipes import quant_settings
 from edgevit.quant.spec import QuantSpec
@@ -187,6 +188,7 @@ def test_dynamic_int8_on_both_exporters(tmp_path, exporter):
     assert any(n.op_type == "MatMul" for n in in_stage)
     found = figures(model, result.path, photo_like(model, 4, seed=2))
     assert found["cosine"] >= 0.999 and found["decided_top1_kept"][0] == found["decided_top1_kept"][1]
+    assert result.details["int8_kernels"]["not_exact_on"] == {}
 
 
 def test_qat_without_its_program_is_refused(tmp_path):
@@ -227,3 +229,52 @@ def test_module_paths_round_trip_through_node_names():
         name = "/" + "/".join(module_scopes(module)) + "/Conv"
         assert node_module(name) == module
     assert node_module("Transpose_token_77") == ""
+
+
+def _int8_weights(model) -> dict[str, tuple[np.ndarray, int]]:
+    """The int8 weight tensors of a QDQ graph's linear ops with their channel axis (the
+    DequantizeLinear's per-channel axis), by initializer name."""
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        values = constants.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if values is not None and values.dtype == np.int8 and values.ndim >= 2:
+            found[node.input[0]] = (values, next((a.i for a in node.attribute if a.name == "axis"), 1))
+    return found
+
+
+@pytest.mark.parametrize("name", SMALLEST)
+def test_static_weights_are_exact_on_every_cpu(static_artifacts, name):
+    # No two int8 weights of an output channel sum to more than 128 in magnitude, so the u8·s8
+    # kernels of x86 without VNNI (VPMADDUBSW's saturating int16 pair sums) compute exactly.
+    _, result = static_artifacts[name]
+    kernels = result.details["int8_kernels"]
+    assert kernels["not_exact_on"] == {} and set(kernels["exact_on"]) == set(INT8_KERNEL_CLASSES)
+    assert 0 < kernels["worst_weight_pair"] <= PAIR_LIMIT
+    weights = _int8_weights(onnx.load(str(result.path)))
+    assert len(weights) == kernels["checked_weights"]
+    for values, axis in weights.values():
+        rows = np.moveaxis(np.abs(values.astype(np.int32)), axis, 0).reshape(values.shape[axis], -1)
+        assert (np.sort(rows, axis=1)[:, -2:].sum(axis=1) <= PAIR_LIMIT).all() and values.min() > -128
+    # Pair-safe scales keep 8 bits where a channel has one large weight: not a blanket 7 bits.
+    assert max(int(np.abs(v).max()) for v, _ in weights.values()) > 64
+
+
+def test_a_planted_saturating_pair_and_a_minus_128_weight_are_caught(static_artifacts):
+    _, result = static_artifacts["efficientformer_l1"]
+    graph = onnx.load(str(result.path))
+    name, (values, axis) = next((k, v) for k, v in _int8_weights(graph).items() if v[1] == 0)  # a Conv's
+    planted = values.copy()
+    planted.reshape(len(planted), -1)[0, :2] = (127, -100)  # |127| + |-100| = 227 > 128 in channel 0
+    tensor = next(t for t in graph.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(planted, name))
+    found = kernel_exactness(graph)
+    assert X86_NO_VNNI in found["not_exact_on"] and found["worst_weight_pair"] == 227
+    assert "VPMADDUBSW" in found["not_exact_on"][X86_NO_VNNI] and X86_NO_VNNI not in found["exact_on"]
+    assert ARM_NO_DOT in found["exact_on"]
+    planted[0] = 0
+    planted.reshape(len(planted), -1)[0, 0] = -128
+    tensor.CopyFrom(numpy_helper.from_array(planted, name))
+    found = kernel_exactness(graph)
+    assert ARM_NO_DOT in found["not_exact_on"] and "-128" in found["not_exact_on"][ARM_NO_DOT]
+    assert X86_NO_VNNI in found["exact_on"]  # |-128| + |0| = 128 does not saturate

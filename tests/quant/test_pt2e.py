@@ -206,6 +206,20 @@ def test_static_int8_lowers_whole_and_runs_like_the_pt2e_program(tmp_path):
     assert compare_outputs(simulated, got)["cosine"] > 0.999  # XNNPACK's int8 kernels = PT2E's numerics
     with torch.no_grad():
         assert compare_outputs(model(batch).numpy(), got)["cosine"] > 0.99
+    # Weights stop at -127, so XNNPACK's int16 pair sums (Arm "mlal" kernels) cannot wrap.
+    assert details["int8_kernels"]["not_exact_on"] == {} and details["int8_kernels"]["checked_weights"] == 5
+
+
+def test_a_minus_128_weight_is_named_as_not_exact_on_arm_without_dot_product():
+    from edgevit.host import ARM_NO_DOT
+
+    model, calibration = _tiny(), torch.randn(8, 3, 16, 16)
+    program = pt2e.quantize(model, calibration[:1], _spec(calibration=calibration)).graph_module
+    assert pt2e.kernel_exactness(program)["not_exact_on"] == {}
+    stored = next(n for n in program.graph.nodes if n.op == "call_function" and "dequantize_per_channel" in str(n.target)).args[0]
+    getattr(program, stored.target).view(-1)[0] = -128
+    found = pt2e.kernel_exactness(program)
+    assert list(found["not_exact_on"]) == [ARM_NO_DOT] and stored.target in found["not_exact_on"][ARM_NO_DOT]
 
 
 class _PadBetweenLinears(nn.Module):

@@ -118,6 +118,13 @@ def test_qat_model_exports_to_onnx_with_its_trained_scales(qat_result, tmp_path)
     program_scales = {round(float(n.args[1]), 9) for n in spec.qat_model.graph.nodes
                       if "quantize_per_tensor" in str(n.target) and isinstance(n.args[1], float)}
     assert {round(float(constants[n.input[1]]), 9) for n in activations} <= program_scales
+    # The trained int8 weights are stored as uint8 (zero point 128: the same values), which
+    # onnxruntime's widening u8·u8 kernels run exactly on every CPU.
+    weight_slots = {n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
+    weights = [constants[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants
+               and n.output[0] in weight_slots]
+    assert weights and all(w.dtype == np.uint8 for w in weights)
+    assert not details["int8_kernels"]["not_exact_on"], details["int8_kernels"]
     got = onnx_target.load_runner(artifact.path, options)(images.numpy())
     figures = compare_outputs(run_graph(spec.qat_model, images).numpy(), got)
     assert figures["cosine"] > 0.995 and figures["top1_agreement"] >= 0.95, figures

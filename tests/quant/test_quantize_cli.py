@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from edgevit.export.pipeline import MANIFEST_NAME
+from edgevit.host import int8_kernel_class
 from tests.test_cli import assert_one_line_error, run
 
 MODEL = "levit_128s"
@@ -88,6 +89,13 @@ def test_calibrate_once_quantize_from_stats_with_fewer_images_than_asked(capsys,
     assert manifest["precision"] == "int8" and quantization["mode"] == "static"
     assert quantization["calibration"]["images"] == 6 and quantization["calibration"]["stats_file"] == str(stats)
     assert "head" in quantization["float_modules"]
-    assert manifest["verification"]["passed"] is True and manifest["verification"]["batch"] == 6
+    # A quarter of the sample (at least one image) is held out: calibrated on 5, verified on 1,
+    # and the figures on the images calibration saw are recorded beside.
+    verification = manifest["verification"]
+    assert quantization["calibration"]["calibrated_on"] == 5 and quantization["calibration"]["held_out_for_verification"] == 1
+    assert verification["passed"] is True and verification["batch"] == 1
+    assert verification["images"] == "held out from calibration" and verification["calibration_images"]["batch"] == 5
+    assert verification["host"]["int8_kernels"] == int8_kernel_class()
+    assert verification["int8_kernels"]["not_exact_on"] == {}
     bundle = out / "levit_128s-onnx-int8"
     assert (bundle / MANIFEST_NAME).is_file()
