@@ -32,13 +32,15 @@ onnxruntime's u8·s8 kernels on x86 without VNNI (AVX2, AVX-512BW) add two u8·s
 *saturating* int16 (VPMADDUBSW), so two int8 weights with |w₁|+|w₂| > 128 along the reduction
 can clip there. Static and dynamic graphs get **pair-safe per-channel scales**
 (:func:`pair_safe_weight_ranges`: each channel's scale leaves its two largest weights summing
-to at most 128, i.e. 8 bits where a channel has one outlier, ~7 where it has none); measured on
-the four families against full-range int8 (worst held-out cosine on an AVX-512 VNNI host and
-under ``qemu-x86_64 -cpu Haswell``): full range 0.84-0.98 on AVX2, pair-safe the same figures
-on both, within 0.001 of full range on VNNI (MobileViT v2 0.9975 vs 0.9986; 7-bit weights
-0.9935) at the same speed. QAT graphs, whose int8 weights are what was trained, keep those
+to at most 128, i.e. 8 bits where a channel has one outlier, ~7 where it has none). Measured on
+the four families' smallest sizes (random weights, photo-like images, worst-sample cosine
+against float32): full-range int8 gave 0.83-0.98 under ``qemu-x86_64 -cpu Haswell`` (AVX2)
+against 0.94-1.00 on an AVX-512 VNNI host; pair-safe scales give bit-identical outputs on both,
+within 0.0011 of full range on VNNI (MobileViT v2 0.9975 vs 0.9986, where 7-bit weights give
+0.9935), at the same speed. QAT graphs, whose int8 weights are what was trained, keep those
 values and store them as uint8 (zero point 128), which onnxruntime runs on its widening u8·u8
-kernels: exact, at 25-50 % more time for the linear layers on a VNNI host.
+kernels: exact everywhere, at 25-48 % more whole-model time on a VNNI host (static graphs with
+uint8 weights, measured).
 
 Both first replace the exporter's erf-GELU pattern with one ``Gelu`` node (ONNX opset 20): in a
 QDQ graph onnxruntime can no longer fuse the five-node pattern (each consumer gets its own
