@@ -80,8 +80,21 @@ def _to_int8(graph, model: nn.Module, quant):
     if modules and not any(node_module(n.name) for n in graph.graph.node):
         raise EdgevitError("float_modules need module paths in the ONNX node names and this graph has none; "
                            "export with --exporter torchscript, or use float_ops instead")
-    int8 = quantize_onnx(graph, quant, modules, INPUT_NAME)
+    int8 = quantize_onnx(graph, quant, modules, INPUT_NAME, _full_range_modules(model, quant, modules))
     return int8.model, int8.details
+
+
+def _full_range_modules(model: nn.Module, quant, float_modules: list[str]) -> list[str]:
+    """The ``quant.full_range_weights`` layers whose output moves most when only their weights
+    are rounded to pair-safe int8, measured on 8 calibration images (none without images)."""
+    if not quant.full_range_weights or quant.calibration is None:
+        return []
+    from edgevit.quant.sensitivity import layer_sensitivity, pair_safe_fake_quant_weight
+
+    ranked = layer_sensitivity(model, quant.calibration[:8].float(), quantize_weight=pair_safe_fake_quant_weight,
+                               quantize_input=False)
+    kept_float = lambda name: any(name == m or name.startswith(m + ".") for m in float_modules)  # noqa: E731
+    return [r.module for r in ranked if not kept_float(r.module)][:quant.full_range_weights]
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, options: dict[str, Any]) -> None:

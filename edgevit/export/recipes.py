@@ -20,6 +20,7 @@ A recipe file::
     calibration_images = 64     # sample size drawn from --calib-data
     float_ops = ["softmax"]     # replaces the family's default (edgevit.quant.recipes)
     float_modules = ["head"]    # module-name patterns kept float, added to the family's default
+    full_range_weights = 8      # ONNX: layers keeping full 8-bit (uint8) weights, most hurt first
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ _TOLERANCE_KEYS = ("max_rel_error", "min_cosine", "min_top1_agreement")
 _TOP_KEYS = {"name", "target", "precision", "default", "description", "options", "verify", "quantization"}
 # [quantization] keys and their types; absent keys take the family's defaults (edgevit.quant.recipes).
 _QUANT_KEYS = {"mode": str, "method": str, "per_channel": bool, "calibration_images": int,
-               "float_ops": list, "float_modules": list}
+               "float_ops": list, "float_modules": list, "full_range_weights": int}
 
 
 @dataclass(frozen=True)

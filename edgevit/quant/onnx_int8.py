@@ -544,13 +544,17 @@ def _two_largest(values: np.ndarray, axis: int) -> np.ndarray:
     return -np.sort(-rows, axis=1)[:, :2]
 
 
-def pair_safe_weight_ranges(model, per_channel: bool) -> dict[str, list[dict[str, Any]]]:
+def pair_safe_weight_ranges(model, per_channel: bool, full_range_modules: Iterable[str] = ()) -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` giving every Conv/Gemm/MatMul weight symmetric int8
     scales under which no two of a channel's weights sum to more than 128 in magnitude, wherever
     a kernel pairs them: range r = m₁ + m₂ (the two largest |w|), so after rounding
-    q₁ + q₂ ≤ round(127·m₁/r) + round(127·m₂/r) ≤ 128. A channel with one outlier keeps 8 bits."""
+    q₁ + q₂ ≤ round(127·m₁/r) + round(127·m₂/r) ≤ 128. A channel with one outlier keeps 8 bits.
+    Weights of ``full_range_modules`` keep all 8 bits as uint8 instead (the u8·u8 kernels widen
+    before they multiply: exact, and slower)."""
     from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType
 
+    full_range = set(full_range_modules)
     g = _Graph(model)
     weights = {t.name: t for t in model.graph.initializer}
     overrides: dict[str, list[dict[str, Any]]] = {}
@@ -561,6 +565,9 @@ def pair_safe_weight_ranges(model, per_channel: bool) -> dict[str, list[dict[str
         if weight.ndim < 2 or not np.issubdtype(weight.dtype, np.floating):
             continue
         axis = _channel_axis(node, weight)
+        if node_module(node.name) in full_range:
+            overrides[node.input[1]] = [{"quant_type": QuantType.QUInt8, **({"axis": axis} if per_channel else {})}]
+            continue
         top = _two_largest(weight, axis)
         ranges = np.maximum(top.sum(axis=1), 1e-12)
         if per_channel:
@@ -666,11 +673,13 @@ class _CalibrationReader:
         self._next = iter(self._feeds)
 
 
-def quantize_onnx(model, quant: QuantSpec, float_modules: Iterable[str] = (), input_name: str = "input") -> Int8Graph:
+def quantize_onnx(model, quant: QuantSpec, float_modules: Iterable[str] = (), input_name: str = "input",
+                  full_range_modules: Iterable[str] = ()) -> Int8Graph:
     """Quantize an fp32 ONNX graph (``onnx.ModelProto``, not modified) as ``quant`` says.
 
     ``float_modules``: the deploy model's module names to keep float (what
-    ``quant.float_module_names(model)`` resolves). Static needs ``quant.calibration``; a QAT
+    ``quant.float_module_names(model)`` resolves); ``full_range_modules``: those whose weights keep
+    all 8 bits (see :func:`pair_safe_weight_ranges`). Static needs ``quant.calibration``; a QAT
     program is exported by :func:`from_pt2e_program` instead."""
     import onnx
 
@@ -686,13 +695,13 @@ def quantize_onnx(model, quant: QuantSpec, float_modules: Iterable[str] = (), in
         rewritten = gemm_to_matmul(model)
         if rewritten:
             steps.append(f"{rewritten} Gemm → MatMul + Add (the dynamic quantizer has no Gemm)")
-        result = _quantize_dynamic(model, quant, tuple(float_modules))
+        result = _quantize_dynamic(model, quant, tuple(float_modules), tuple(full_range_modules))
     elif quant.mode == "qat":
         raise EdgevitError("ONNX QAT int8 is the QAT program itself; run  edgevit quantize MODEL --mode qat")
     else:
         if quant.calibration is None:
             raise EdgevitError(f"{quant.mode} int8 needs calibration images: give --calib-data DIR")
-        result = _quantize_static(model, quant, tuple(float_modules), input_name)
+        result = _quantize_static(model, quant, tuple(float_modules), input_name, tuple(full_range_modules))
     result.details["preprocessing"] = steps
     result.details.setdefault("postprocessing", [])
     _check(result.model)
@@ -700,7 +709,8 @@ def quantize_onnx(model, quant: QuantSpec, float_modules: Iterable[str] = (), in
     return result
 
 
-def _quantize_static(model, quant: QuantSpec, float_modules: tuple[str, ...], input_name: str) -> Int8Graph:
+def _quantize_static(model, quant: QuantSpec, float_modules: tuple[str, ...], input_name: str,
+                     full_range_modules: tuple[str, ...]) -> Int8Graph:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -732,7 +742,7 @@ def _quantize_static(model, quant: QuantSpec, float_modules: tuple[str, ...], in
             # Relu/Clip stay in the graph (onnxruntime still folds them into the uint8 range): a
             # node kept float that reads the Quantize input must not see pre-ReLU values.
             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "QDQKeepRemovableActivations": True,
-                           "TensorQuantOverrides": pair_safe_weight_ranges(model, quant.per_channel)},
+                           "TensorQuantOverrides": pair_safe_weight_ranges(model, quant.per_channel, full_range_modules)},
         )
         quantized = onnx.load(str(target))
     read_float_inputs(quantized, set(excluded))
@@ -754,7 +764,8 @@ def _quantize_static(model, quant: QuantSpec, float_modules: tuple[str, ...], in
                     "onnxruntime runs them on int8 kernels, which compute the same values")
     return Int8Graph(quantized, {
         "mode": quant.mode, "format": "QDQ", "activation_type": "uint8", "weight_type": "int8",
-        "weight_scales": WEIGHT_SCALES, "per_channel": quant.per_channel, "method": quant.method,
+        "weight_scales": WEIGHT_SCALES, "full_range_weights": list(full_range_modules),
+        "per_channel": quant.per_channel, "method": quant.method,
         "calibration_images": len(images),
         "excluded_nodes": sum(by_reason.values()), "excluded_by": dict(sorted(by_reason.items())),
         "postprocessing": post,
@@ -844,7 +855,7 @@ def _calibrate(source: Path, work: Path, method, options: dict[str, Any], reader
     save_tensors_data(calibrator.compute_data(), ranges)
 
 
-def _quantize_dynamic(model, quant: QuantSpec, float_modules: tuple[str, ...]) -> Int8Graph:
+def _quantize_dynamic(model, quant: QuantSpec, float_modules: tuple[str, ...], full_range_modules: tuple[str, ...]) -> Int8Graph:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -855,11 +866,12 @@ def _quantize_dynamic(model, quant: QuantSpec, float_modules: tuple[str, ...]) -
         quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], per_channel=quant.per_channel,
                          weight_type=QuantType.QInt8, nodes_to_exclude=sorted(excluded),
                          extra_options={"MatMulConstBOnly": True,
-                                        "TensorQuantOverrides": pair_safe_weight_ranges(model, quant.per_channel)})
+                                        "TensorQuantOverrides": pair_safe_weight_ranges(model, quant.per_channel, full_range_modules)})
         quantized = onnx.load(str(target))
     return Int8Graph(quantized, {
         "mode": "dynamic", "format": "dynamic (DynamicQuantizeMatMul)", "activation_type": "uint8 (per call)",
-        "weight_type": "int8", "weight_scales": WEIGHT_SCALES, "per_channel": quant.per_channel, "method": None,
+        "weight_type": "int8", "weight_scales": WEIGHT_SCALES, "full_range_weights": list(full_range_modules),
+        "per_channel": quant.per_channel, "method": None,
         "excluded_nodes": len(excluded),
         "float_convolutions": "kept: onnxruntime's ConvInteger is slower than its float Conv",
     })

@@ -29,6 +29,15 @@ def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
     return (weight / scale.view(shape)).round().clamp(-127, 127) * scale.view(shape)
 
 
+def pair_safe_fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The ONNX target's pair-safe int8 weights (``edgevit.quant.onnx_int8.pair_safe_weight_ranges``):
+    per output channel, range = the sum of its two largest magnitudes."""
+    rows = weight.detach().abs().flatten(1)
+    largest = rows.topk(min(2, rows.shape[1]), dim=1).values.sum(1)
+    scale = largest.clamp(min=1e-12).view((-1,) + (1,) * (weight.dim() - 1)) / 127
+    return (weight / scale).round().clamp(-127, 127) * scale
+
+
 def _fake_quant_activation(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     low, high = min(low, 0.0), max(high, 0.0)
     scale = max(high - low, 1e-12) / 255
@@ -41,8 +50,12 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def layer_sensitivity(model: nn.Module, inputs: torch.Tensor,
-                      progress: Callable[[int, int, str], None] | None = None) -> list[LayerSensitivity]:
-    """Per-layer error, most sensitive first. ``model`` is the deploy model (left unchanged)."""
+                      progress: Callable[[int, int, str], None] | None = None,
+                      quantize_weight: Callable[[torch.Tensor], torch.Tensor] = _fake_quant_weight,
+                      quantize_input: bool = True) -> list[LayerSensitivity]:
+    """Per-layer error, most sensitive first. ``model`` is the deploy model (left unchanged).
+    ``quantize_weight`` rounds a layer's weight; ``quantize_input=False`` leaves its input float
+    (to rank layers by what a weight format alone costs)."""
     layers = quantizable_layers(model)
     input_ranges: dict[str, tuple[float, float]] = {}
 
@@ -68,14 +81,16 @@ def layer_sensitivity(model: nn.Module, inputs: torch.Tensor,
         low, high = input_ranges.get(name, (0.0, 0.0))
         original = module.weight.data.clone()
         handle = module.register_forward_pre_hook(
-            lambda _m, args, low=low, high=high: (_fake_quant_activation(args[0], low, high), *args[1:]))
-        module.weight.data = _fake_quant_weight(original)
+            lambda _m, args, low=low, high=high: (_fake_quant_activation(args[0], low, high), *args[1:])
+        ) if quantize_input else None
+        module.weight.data = quantize_weight(original)
         try:
             with torch.no_grad():
                 output = model(inputs)
         finally:
             module.weight.data = original
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         error = (torch.linalg.vector_norm(output - reference) / torch.linalg.vector_norm(reference).clamp(min=1e-12)).item()
         agreement = (output.argmax(1) == reference.argmax(1)).float().mean().item()
         results.append(LayerSensitivity(name, type(module).__name__, error, agreement))

@@ -37,6 +37,8 @@ class QuantSpec:
     per_channel: bool = True  # per-output-channel weight scales
     float_ops: tuple[str, ...] = ()  # OP_KINDS kept in float
     float_modules: tuple[str, ...] = ()  # fnmatch patterns over the deploy model's module names kept in float
+    # ONNX: the layers most hurt by pair-safe int8 weights that keep full 8-bit (uint8) weights
+    full_range_weights: int = 0
     calibration: torch.Tensor | None = field(default=None, compare=False)  # preprocessed NCHW float32 sample
     # Images of the user's sample that calibration never saw: what the artifact is verified on.
     held_out: torch.Tensor | None = field(default=None, compare=False)
@@ -72,7 +74,8 @@ class QuantSpec:
     def summary(self) -> dict[str, Any]:
         """For the manifest."""
         return {"mode": self.mode, "method": self.method if self.needs_calibration else None,
-                "per_channel": self.per_channel, "float_ops": list(self.float_ops),
+                "per_channel": self.per_channel, "full_range_weights": self.full_range_weights,
+                "float_ops": list(self.float_ops),
                 "float_modules": list(self.float_modules), "calibration": (self.calibration_summary | {
                     "calibrated_on": len(self.calibration), "held_out_for_verification": len(self.held_out)
                     if self.held_out is not None else 0}) if self.calibration_summary else None}

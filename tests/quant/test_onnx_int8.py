@@ -231,14 +231,15 @@ def test_module_paths_round_trip_through_node_names():
     assert node_module("Transpose_token_77") == ""
 
 
-def _int8_weights(model) -> dict[str, tuple[np.ndarray, int]]:
-    """The int8 weight tensors of a QDQ graph's linear ops with their channel axis (the
+def _int8_weights(model, dtype=np.int8) -> dict[str, tuple[np.ndarray, int]]:
+    """The ``dtype`` weight tensors of a QDQ graph's linear ops with their channel axis (the
     DequantizeLinear's per-channel axis), by initializer name."""
     constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight_slots = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
     found = {}
     for node in model.graph.node:
-        values = constants.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if values is not None and values.dtype == np.int8 and values.ndim >= 2:
+        values = constants.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.output[0] in weight_slots else None
+        if values is not None and values.dtype == dtype and values.ndim >= 2:
             found[node.input[0]] = (values, next((a.i for a in node.attribute if a.name == "axis"), 1))
     return found
 
@@ -247,12 +248,16 @@ def _int8_weights(model) -> dict[str, tuple[np.ndarray, int]]:
 def test_static_weights_are_exact_on_every_cpu(static_artifacts, name):
     # No two int8 weights of an output channel sum to more than 128 in magnitude, so the u8·s8
     # kernels of x86 without VNNI (VPMADDUBSW's saturating int16 pair sums) compute exactly.
-    _, result = static_artifacts[name]
+    model, result = static_artifacts[name]
     kernels = result.details["int8_kernels"]
     assert kernels["not_exact_on"] == {} and set(kernels["exact_on"]) == set(INT8_KERNEL_CLASSES)
     assert 0 < kernels["worst_weight_pair"] <= PAIR_LIMIT
-    weights = _int8_weights(onnx.load(str(result.path)))
-    assert len(weights) == kernels["checked_weights"]
+    graph = onnx.load(str(result.path))
+    weights, full_range = _int8_weights(graph), _int8_weights(graph, np.uint8)
+    assert len(weights) + len(full_range) == kernels["checked_weights"]
+    # The family's most weight-sensitive layers keep all 8 bits, as uint8 (u8·u8 kernels: exact).
+    expected = quant_settings(model.cfg.family, {"mode": "static"}, "onnx")["full_range_weights"]
+    assert len(result.details["quantization"]["full_range_weights"]) == len(full_range) == expected
     for values, axis in weights.values():
         rows = np.moveaxis(np.abs(values.astype(np.int32)), axis, 0).reshape(values.shape[axis], -1)
         assert (np.sort(rows, axis=1)[:, -2:].sum(axis=1) <= PAIR_LIMIT).all() and values.min() > -128
