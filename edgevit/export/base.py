@@ -10,7 +10,8 @@ A target module (``edgevit/export/<name>.py``) provides two functions:
 - ``load_runner(artifact_path, options) -> Runner``: the target's real runtime, as a callable
   from a float32 NCHW numpy batch to float32 logits; raises :class:`RuntimeUnavailable` where
   that runtime cannot run here (Core ML off macOS), and may then offer
-  ``precheck(model, example, precision) -> PrecheckResult`` as the next best check.
+  ``precheck(result, model, example, precision) -> PrecheckResult`` as the next best check,
+  handed the ``ExportResult`` export() returned (its ``evidence``: what it made, in memory).
 
 Verification, the manifest and atomic placement are done once, by the pipeline.
 """
@@ -101,6 +102,9 @@ class ExportResult:
 
     path: Path
     details: dict[str, Any] = field(default_factory=dict)
+    # What export() made that precheck() reads back (an exported program, the int8 program, the
+    # ONNX file TensorRT consumes): kept in memory, never written to the manifest.
+    evidence: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass

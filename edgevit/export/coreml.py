@@ -31,7 +31,6 @@ import collections
 import json
 import math
 import platform
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +54,6 @@ FP16_TINY = float(torch.finfo(torch.float16).tiny)  # smallest normal float16, 6
 PIXEL_SCALE = 1.0 / 255.0
 METADATA_PREFIX = "edgevit."
 
-# The exported program each model was converted from, for the float32 pre-check (the pipeline
-# hands the same deploy model to export() and then to precheck()).
-_EXPORTED: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.export.ExportedProgram, torch.Tensor | None]]" = (
-    weakref.WeakKeyDictionary()
-)
 # W8: weight tensors of more elements than this become int8 (coremltools' own default: the
 # small ones, e.g. depthwise kernels, save little and are the most sensitive).
 W8_WEIGHT_THRESHOLD = 2048
@@ -76,9 +70,6 @@ class _Int8Program:
     facts: dict[str, Any]  # int8 contents of the ML program (see int8_facts)
     graph: torch.fx.GraphModule | None = None  # W8A8: the converted PT2E program
     weights: dict[str, torch.Tensor] | None = None  # W8: dequantized int8 weights by parameter name
-
-
-_INT8: "weakref.WeakKeyDictionary[nn.Module, _Int8Program]" = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -118,17 +109,16 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
             skip_model_load=True,
             pass_pipeline=_pass_pipeline(ct, int8_mode),
         )
+    evidence: dict[str, Any] = {}
     if precision == "fp32":
-        _EXPORTED[model] = (program, torch.tensor(cfg.std).view(1, -1, 1, 1) if image_input else None)
+        evidence["program"] = (program, torch.tensor(cfg.std).view(1, -1, 1, 1) if image_input else None)
     quantization: dict[str, Any] = {}
     if int8_mode == "w8":
         mlmodel, quantization, weights = _quantize_weights(mlmodel, program, quant, model)
-        facts = int8_facts(mlmodel.get_spec())
-        _INT8[model] = _Int8Program("w8", facts, weights=weights)
+        evidence["int8"] = _Int8Program("w8", int8_facts(mlmodel.get_spec()), weights=weights)
     elif int8_mode == "w8a8":
         quantization = quantized.details
-        facts = int8_facts(mlmodel.get_spec())
-        _INT8[model] = _Int8Program("w8a8", facts, graph=quantized.graph_module)
+        evidence["int8"] = _Int8Program("w8a8", int8_facts(mlmodel.get_spec()), graph=quantized.graph_module)
 
     _describe(mlmodel, cfg, precision, image_input, labels)
     path = out_dir / f"{cfg.name}.mlpackage"
@@ -148,7 +138,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
     details.update(program_facts(spec))
     if int8_mode:
         details["int8"] = {"scheme": "W8 (int8 weights, float16 activations)" if int8_mode == "w8"
-                           else "W8A8 (int8 weights and activations)", **_INT8[model].facts}
+                           else "W8A8 (int8 weights and activations)", **evidence["int8"].facts}
         details["quantization"] = quantization
     if image_input:
         scale, bias = image_scale_bias(cfg.mean)
@@ -164,7 +154,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
                              "note": f"{CLASS_LABEL_NAME}_probs holds the logits (no softmax)"}
     else:
         details["labels"] = {"embedded": False, "note": _labels_note(cfg.labels)}
-    return ExportResult(path, details)
+    return ExportResult(path, details, evidence)
 
 
 def _pass_pipeline(ct, int8_mode: str | None):
@@ -470,8 +460,9 @@ def class_labels(spec) -> list[str] | None:
 
 # ------------------------------------------------------------------------- numerics pre-check
 
-def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> PrecheckResult:
-    """The next best check where Core ML cannot run (see the module doc).
+def precheck(result: ExportResult | None, model: nn.Module, example: torch.Tensor, precision: str) -> PrecheckResult:
+    """The next best check where Core ML cannot run (see the module doc); ``result`` is what
+    export() returned for ``model`` (int8 needs it; fp32 re-exports without it).
 
     fp16: the deploy model with float16 weights and every op's output rounded to float16 —
     float16 storage with float32 accumulation inside ops, the best case for the Neural Engine
@@ -491,21 +482,20 @@ def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> Prechec
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
+            evidence = result.evidence if result is not None else {}
             if precision == "int8":
-                return _precheck_int8(model, example)
+                return _precheck_int8(model, example, evidence.get("int8"))
             if precision == "fp16":
                 return _precheck_fp16(model, example)
-            return _precheck_fp32(model, example)
+            return _precheck_fp32(model, example, evidence.get("program"))
     finally:
         torch.set_num_threads(threads)
 
 
-def _precheck_int8(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
+def _precheck_int8(model: nn.Module, example: torch.Tensor, program: _Int8Program | None) -> PrecheckResult:
     """int8: what the ML program holds, run in PyTorch with float16 outputs (see the module doc)."""
-    program = _INT8.get(model)
     if program is None:
-        raise EdgevitError("the int8 pre-check runs what export() converted for this model: export it first, "
-                           "with the same model object")
+        raise EdgevitError("the int8 pre-check runs what export() converted: pass the ExportResult of an int8 export")
     facts = program.facts
     failures = []
     if not facts["int8_weight_tensors"]:
@@ -552,12 +542,11 @@ def _with_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> tuple[n
     return emulated, len(weights)
 
 
-def _precheck_fp32(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
-    cached = _EXPORTED.get(model)
-    if cached is None:
+def _precheck_fp32(model: nn.Module, example: torch.Tensor, exported=None) -> PrecheckResult:
+    if exported is None:
         with quiet():
-            cached = (torch.export.export(model, (example[:1],)).run_decompositions({}), None)
-    program, std = cached
+            exported = (torch.export.export(model, (example[:1],)).run_decompositions({}), None)
+    program, std = exported
     graph = program.module()
     reference = model(example)
     feed = example * std if std is not None else example

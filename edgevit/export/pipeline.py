@@ -268,7 +268,7 @@ def _verify(implementation, result, recipe: Recipe, deploy_model: nn.Module,
         precheck = getattr(implementation, "precheck", None)
         if precheck is None:
             return {"check": f"not run: {unavailable}", "passed": None}
-        checked = precheck(deploy_model, example, recipe.precision)
+        checked = precheck(result, deploy_model, example, recipe.precision)
         check = f"{checked.name} (artifact not run: {unavailable})"
         candidate, notes = checked.candidate, checked.notes
         # a pre-check compares with the deploy model; QAT answers to its int8 program (see _reference_outputs)

@@ -28,7 +28,6 @@ import platform
 import re
 import shlex
 import time
-import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,10 +49,6 @@ FP16_KEEP_FLOAT32 = ("LayerNormalization", "GroupNormalization", "InstanceNormal
                      "ReduceMean", "ReduceSum", "Pow", "Sqrt")
 FP16_MAX = float(np.finfo(np.float16).max)
 FP16_HEADROOM = 2.0  # values within this factor of float16's range on the sample keep their ops float32
-
-# The TensorRT-ready ONNX written for each deploy model, for precheck() (the pipeline hands the
-# same model to export() and then to precheck()).
-_EXPORTED_ONNX: "weakref.WeakKeyDictionary[nn.Module, Path]" = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -85,7 +80,6 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         onnx.save(graph, str(path))
     ops = collections.Counter(node.op_type for node in graph.graph.node)
     details |= {"nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items()))}
-    _EXPORTED_ONNX[model] = path
 
     files = engine_files(name)
     command = trtexec_command(path.name, files["engine"], files["timing_cache"], tuple(example.shape[1:]), precision,
@@ -106,7 +100,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         tensorrt["exercised"] = "engine built here and run on this GPU against PyTorch"
         artifact = out_dir / files["engine"]
     details["tensorrt"] = tensorrt
-    return ExportResult(artifact, details)
+    return ExportResult(artifact, details, evidence={"onnx": path})
 
 
 def _onnx_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -424,14 +418,14 @@ def load_runner(path: Path, options: dict[str, Any]) -> EngineRunner:
     return load_engine(path)
 
 
-def precheck(model: nn.Module, example: torch.Tensor, precision: str) -> PrecheckResult:
+def precheck(result: ExportResult, model: nn.Module, example: torch.Tensor, precision: str) -> PrecheckResult:
     """The TensorRT-ready ONNX that export() wrote for ``model``, run in onnxruntime on the CPU,
     against the deploy model in PyTorch."""
     import onnxruntime as ort
 
-    path = _EXPORTED_ONNX.get(model)
+    path = result.evidence.get("onnx") if result is not None else None
     if path is None or not path.is_file():
-        raise EdgevitError("the TensorRT pre-check runs the ONNX export() wrote for this model in this process; export first")
+        raise EdgevitError("the TensorRT pre-check runs the ONNX export() wrote: pass its ExportResult")
     # Q/DQ fusion off: onnxruntime then computes every Q/DQ pair in float, as TensorRT's int32
     # accumulation does, instead of its CPU int8 kernels (whose results depend on the host's ISA).
     run = onnx_target.load_runner(path, {}, fuse_qdq=False)

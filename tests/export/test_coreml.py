@@ -250,7 +250,7 @@ class _LoudNorm(nn.Module):
 def test_precheck_flags_float16_overflow_inside_a_module():
     model = _HotAttention().eval()
     example = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    result = precheck(model, example, "fp16")
+    result = precheck(None, model, example, "fp16")
     overflow = next(n for n in result.notes if n.startswith("OVERFLOW:"))
     assert "_HotAttention" in overflow and "aten.bmm" in overflow
     assert np.isfinite(result.reference).all() and not np.isfinite(result.candidate).all()
@@ -261,7 +261,7 @@ def test_precheck_flags_float16_overflow_inside_a_module():
 
 def test_precheck_flags_normalisation_statistics_beyond_float16():
     model = _LoudNorm().eval()
-    result = precheck(model, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), "fp16")
+    result = precheck(None, model, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), "fp16")
     assert not any(n.startswith("OVERFLOW:") for n in result.notes)  # every value fits …
     risk = next(n for n in result.notes if n.startswith("OVERFLOW RISK"))  # … its mean square does not
     assert "norm (LayerNorm)" in risk and "aten.native_layer_norm" in risk
@@ -282,7 +282,7 @@ class _SpikyGroupNorm(nn.Module):
 
 def test_precheck_flags_group_norm_overflow_as_core_ml_computes_it():
     model = _SpikyGroupNorm().eval()
-    result = precheck(model, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), "fp16")
+    result = precheck(None, model, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), "fp16")
     overflow = next(n for n in result.notes if n.startswith("OVERFLOW:"))
     assert "norm (GroupNorm) (square(x - mean) of GroupNorm in Core ML)" in overflow
     # Emulated like the lowered graph, the norm collapses (x / inf): verification fails.

@@ -186,8 +186,8 @@ def test_bad_quantization_inputs_are_one_clear_error(tmp_path):
     with pytest.raises(EdgevitError, match="from iOS17/macOS14 on, not iOS16"):
         coreml.export(model, torch.randn(1, 3, 16, 16), "int8", {**COREML, "deployment_target": "iOS16"}, tmp_path,
                       quant=_spec(calibration=torch.randn(2, 3, 16, 16)))
-    with pytest.raises(EdgevitError, match="export it first"):
-        coreml.precheck(_tiny(), torch.randn(1, 3, 16, 16), "int8")
+    with pytest.raises(EdgevitError, match="pass the ExportResult of an int8 export"):
+        coreml.precheck(None, _tiny(), torch.randn(1, 3, 16, 16), "int8")
 
 
 # ----------------------------------------------------------------------- ExecuTorch, small models
@@ -344,7 +344,7 @@ def test_coreml_w8_and_w8a8_hold_int8_and_pass_their_precheck(tmp_path):
              and m.weight.numel() > coreml.W8_WEIGHT_THRESHOLD and name != "head"]
     assert large == ["qkv"] and facts["int8_weight_tensors"] == 1 and facts["quantize_ops"] == 0
     assert w8.details["quantization"]["float_weights"] == ["head.weight"] and w8.details["compute_precision"] == "fp16"
-    check = coreml.precheck(model, calibration, "int8")
+    check = coreml.precheck(w8, model, calibration, "int8")
     assert check.name.startswith("W8 pre-check") and not check.failures
     assert compare_outputs(check.reference, check.candidate)["cosine"] > 0.999
 
@@ -354,7 +354,7 @@ def test_coreml_w8_and_w8a8_hold_int8_and_pass_their_precheck(tmp_path):
     # stem, qkv, proj, fc1, fc2 weights, and the constant operands of the int8 bias add and layer scale.
     assert facts["int8_weight_tensors"] == 7 and facts["quantize_ops"] > 0 and facts["dequantize_ops"] > 0
     assert w8a8.details["op_counts"]["constexpr_affine_dequantize"] == 7
-    check = coreml.precheck(model, calibration, "int8")
+    check = coreml.precheck(w8a8, model, calibration, "int8")
     assert check.name.startswith("W8A8 pre-check") and not check.failures
     assert compare_outputs(check.reference, check.candidate)["cosine"] > 0.99
 
@@ -416,7 +416,7 @@ def test_coreml_w8_and_w8a8_of_every_family_convert_and_pass_the_precheck(name, 
         facts = result.details["int8"]
         assert facts["scheme"].startswith(scheme) and facts["int8_weight_tensors"] >= 10
         assert (facts["quantize_ops"] > 0) == (mode == "static")
-        check = coreml.precheck(deploy, verification, "int8")
+        check = coreml.precheck(result, deploy, verification, "int8")
         assert not check.failures
         figures = compare_outputs(check.reference, check.candidate)
         assert figures["finite"] and figures["cosine"] >= min_cosine, (mode, figures)

@@ -94,7 +94,7 @@ def test_qat_model_converts_to_a_w8a8_coreml_program(qat_result, tmp_path):
     images = load_fashion_mnist("test", float_model.cfg, limit=8).batch(list(range(8)))[0]
     artifact = coreml.export(float_model, images[:1], "int8", COREML, tmp_path, quant=spec)
     assert artifact.details["int8"]["scheme"].startswith("W8A8") and artifact.details["int8"]["int8_weight_tensors"] > 0
-    check = coreml.precheck(float_model, images, "int8")
+    check = coreml.precheck(artifact, float_model, images, "int8")
     assert not check.failures and compare_outputs(check.reference, check.candidate)["cosine"] > 0.98
 
 
