@@ -208,17 +208,11 @@ def export_model(
         if verify:
             step(f"verifying in {spec.runtime}")
             verification = _verify(implementation, result, chosen, deploy_model, example, reference,
-                                   qat=qat_program is not None)
+                                   qat=qat_program is not None,
+                                   seen=None if seen is None else (seen, _reference_outputs(qat_program, reference_model, seen)))
             verification["images"] = ("held out from calibration" if seen is not None else
                                        "calibration images" if quant is not None and quant.calibration is not None
                                        else "synthetic (uniform 8-bit pixels, the model's normalisation)")
-            if seen is not None:
-                # The same check on images calibration saw, for the record: a large gap means the
-                # ranges fit the sample rather than the data.
-                seen_figures = _verify(implementation, result, chosen, deploy_model, seen,
-                                       _reference_outputs(qat_program, reference_model, seen), qat=qat_program is not None)
-                verification["calibration_images"] = {k: seen_figures[k] for k in (
-                    "batch", "cosine", "mean_cosine", "max_rel_error", "top1_agreement", "passed")}
             verification["host"] = host_isa()
         else:
             verification = {"check": "skipped (--no-verify)", "passed": None}
@@ -256,28 +250,34 @@ def _reference_outputs(qat_program, float_model: nn.Module, example: torch.Tenso
         return float_model(example).numpy()
 
 
-def _verify(implementation, result, recipe: Recipe, deploy_model: nn.Module,
-            example: torch.Tensor, reference: np.ndarray, qat: bool = False) -> dict[str, Any]:
-    notes: list[str] = []
+def _verify(implementation, result, recipe: Recipe, deploy_model: nn.Module, example: torch.Tensor,
+            reference: np.ndarray, qat: bool = False,
+            seen: tuple[torch.Tensor, np.ndarray] | None = None) -> dict[str, Any]:
+    """The artifact (or, where its runtime cannot run here, the target's pre-check) against the
+    reference on ``example``; ``seen`` (images calibration saw, their reference) is checked the
+    same way for the record, with the artifact loaded once."""
+    names: list[str] = []  # a pre-check names itself when it runs
     try:
         runner = implementation.load_runner(result.path, recipe.options)
-        candidate = runner(example.numpy())
         check = get_target(recipe.target).runtime
-        compared_with = reference
+
+        def outputs(images: torch.Tensor, expected: np.ndarray):
+            return runner(images.numpy()), expected, [], []
     except RuntimeUnavailable as unavailable:
         precheck = getattr(implementation, "precheck", None)
         if precheck is None:
             return {"check": f"not run: {unavailable}", "passed": None}
-        checked = precheck(result, deploy_model, example, recipe.precision)
-        check = f"{checked.name} (artifact not run: {unavailable})"
-        candidate, notes = checked.candidate, checked.notes
-        # a pre-check compares with the deploy model; QAT answers to its int8 program (see _reference_outputs)
-        compared_with = reference if qat else checked.reference
-        precheck_failures = checked.failures
-    else:
-        precheck_failures = []
+        check, reason = "", str(unavailable)  # the except clause unbinds its name when it ends
+
+        def outputs(images: torch.Tensor, expected: np.ndarray):
+            checked = precheck(result, deploy_model, images, recipe.precision)
+            names.append(f"{checked.name} (artifact not run: {reason})")
+            # a pre-check compares with the deploy model; QAT answers to its int8 program (see _reference_outputs)
+            return checked.candidate, expected if qat else checked.reference, checked.notes, checked.failures
+
+    candidate, compared_with, notes, failures = outputs(example, reference)
     figures = compare_outputs(compared_with, candidate)
-    failures = recipe.tolerances.failures(figures) + precheck_failures
+    failures = recipe.tolerances.failures(figures) + failures
     collapse = collapse_failure(compared_with, figures)
     if collapse:
         failures.append(collapse)
@@ -288,9 +288,16 @@ def _verify(implementation, result, recipe: Recipe, deploy_model: nn.Module,
     kernels = result.details.get("int8_kernels")
     if kernels is not None and kernels.get("not_exact_on"):
         failures += [f"not exact on {cpu}: {why}" for cpu, why in kernels["not_exact_on"].items()]
-    return {"check": check, "batch": len(example), **figures, "tolerances": recipe.to_dict()["verify"],
-            **({"int8_kernels": kernels} if kernels is not None else {}),
-            "passed": not failures, "failures": failures, "notes": notes}
+    verification = {"check": check or names[0], "batch": len(example), **figures,
+                    "tolerances": recipe.to_dict()["verify"], **({"int8_kernels": kernels} if kernels is not None else {}),
+                    "passed": not failures, "failures": failures, "notes": notes}
+    if seen is not None:
+        # A large gap to the figures above means the ranges fit the sample rather than the data.
+        seen_candidate, seen_expected, _, _ = outputs(*seen)
+        seen_figures = compare_outputs(seen_expected, seen_candidate)
+        verification["calibration_images"] = {"batch": len(seen[0]), **{k: seen_figures[k] for k in (
+            "cosine", "mean_cosine", "max_rel_error", "top1_agreement")}}
+    return verification
 
 
 def _manifest(cfg, recipe: Recipe, spec, result, report, weights, verification, seconds) -> dict[str, Any]:
