@@ -6,7 +6,6 @@ only ever compared across hosts of the same class.
 """
 from __future__ import annotations
 
-import contextlib
 import platform
 from pathlib import Path
 
@@ -32,30 +31,43 @@ INT8_KERNEL_CLASSES = {
 }
 
 
-def cpu_features() -> list[str]:
-    """The int8-relevant features of this CPU (empty where /proc/cpuinfo cannot be read)."""
+def cpu_features() -> list[str] | None:
+    """The int8-relevant features of this CPU; None where /proc/cpuinfo cannot be read (macOS,
+    Windows), so that an unknown CPU is not taken for one without them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
     flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):
-                flags.update(value.split())
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
     return [f for f in (*X86_FEATURES, *ARM_FEATURES) if f in flags]
 
 
-def int8_kernel_class(features: list[str] | None = None, machine: str | None = None) -> str | None:
-    """This host's row of ``INT8_KERNEL_CLASSES`` (None for an unknown architecture)."""
-    features = cpu_features() if features is None else features
-    machine = (machine or platform.machine()).lower()
+def kernel_class(features: list[str] | None, machine: str, system: str = "Linux") -> str | None:
+    """The row of ``INT8_KERNEL_CLASSES`` for a CPU with ``features`` (None: unread) of
+    ``machine`` (``platform.machine()``) under ``system``; None where that cannot be told."""
+    machine = machine.lower()
+    if machine in ("aarch64", "arm64") and system == "Darwin":
+        return ARM_DOT  # every Apple silicon core has the dot-product instructions
+    if features is None:
+        return None
     if machine in ("x86_64", "amd64", "i386", "i686"):
         return X86_VNNI if {"avx512_vnni", "avx_vnni", "amx_int8"} & set(features) else X86_NO_VNNI
     if machine in ("aarch64", "arm64"):
-        # Apple silicon has dot product but /proc/cpuinfo is not there to say so.
-        return ARM_DOT if "asimddp" in features or platform.system() == "Darwin" else ARM_NO_DOT
+        return ARM_DOT if "asimddp" in features else ARM_NO_DOT
     return None
+
+
+def int8_kernel_class() -> str | None:
+    """This host's row of ``INT8_KERNEL_CLASSES``."""
+    return kernel_class(cpu_features(), platform.machine(), platform.system())
 
 
 def host_isa() -> dict[str, object]:
     """The record that goes into manifests and profile results."""
     features = cpu_features()
-    return {"machine": platform.machine(), "features": features, "int8_kernels": int8_kernel_class(features)}
+    return {"machine": platform.machine(), "features": features,
+            "int8_kernels": kernel_class(features, platform.machine(), platform.system())}

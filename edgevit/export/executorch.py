@@ -73,11 +73,18 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         # Quantized ops the delegate did not take run in portable kernels, outside XNNPACK.
         details["non_delegated_int8_ops"] = {op: n for op, n in stats["non_delegated_ops"].items() if "quantize" in op}
         details["quantization"] = quantization
-        details["int8_kernels"] = pt2e.kernel_exactness(model)
     if backend == "coreml":
         details |= {"coreml_compute_precision": "float32", "coreml_compute_units": "all",
                     "coreml_minimum_deployment_target": COREML_DEPLOYMENT_TARGET}
-    return ExportResult(path, details)
+    # The converted program the .pte was lowered from: what int8_exactness reads.
+    return ExportResult(path, details, evidence={"int8_program": model} if quantization else {})
+
+
+def int8_exactness(result: ExportResult) -> dict[str, Any] | None:
+    """For an int8 .pte, which CPUs XNNPACK runs it exactly on, read from the converted program
+    it was lowered from (:func:`edgevit.quant.pt2e.kernel_exactness`); None for float ones."""
+    program = result.evidence.get("int8_program")
+    return pt2e.kernel_exactness(program) if program is not None else None
 
 
 def lower(model: nn.Module, example: torch.Tensor, backend: str):

@@ -63,14 +63,17 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         "simplified": options["simplify"], "nodes": sum(ops.values()), "op_counts": dict(sorted(ops.items())),
         "io_dtype": "float16" if precision == "fp16" and options["fp16_io"] else "float32",
         **({"quantization": quantization} if quantization else {}),
-        **({"int8_kernels": _int8_kernels(graph)} if precision == "int8" else {}),
     })
 
 
-def _int8_kernels(graph) -> dict[str, Any]:
+def int8_exactness(result: ExportResult) -> dict[str, Any] | None:
+    """For an int8 artifact, which CPUs run it exactly, read from the file written
+    (:func:`edgevit.quant.onnx_int8.kernel_exactness`); None for float ones."""
+    import onnx
+
     from edgevit.quant.onnx_int8 import kernel_exactness
 
-    return kernel_exactness(graph)
+    return kernel_exactness(onnx.load(str(result.path))) if "quantization" in result.details else None
 
 
 def _to_int8(graph, model: nn.Module, quant):
@@ -80,21 +83,26 @@ def _to_int8(graph, model: nn.Module, quant):
     if modules and not any(node_module(n.name) for n in graph.graph.node):
         raise EdgevitError("float_modules need module paths in the ONNX node names and this graph has none; "
                            "export with --exporter torchscript, or use float_ops instead")
-    int8 = quantize_onnx(graph, quant, modules, INPUT_NAME, _full_range_modules(model, quant, modules))
+    int8 = quantize_onnx(graph, quant, modules, INPUT_NAME, _full_range_modules(graph, model, quant, modules))
     return int8.model, int8.details
 
 
-def _full_range_modules(model: nn.Module, quant, float_modules: list[str]) -> list[str]:
-    """The ``quant.full_range_weights`` layers whose output moves most when only their weights
-    are rounded to pair-safe int8, measured on 8 calibration images (none without images)."""
-    if not quant.full_range_weights or quant.calibration is None:
+def _full_range_modules(graph, model: nn.Module, quant, float_modules: list[str]) -> list[str]:
+    """The ``quant.full_range_weights`` layers (static int8) whose output moves most when only
+    their weights are rounded to pair-safe int8, measured on 8 calibration images, among the
+    graph's weighted nodes that will be quantized."""
+    if quant.mode != "static" or not quant.full_range_weights or quant.calibration is None:
         return []
+    from edgevit.quant.onnx_int8 import LINEAR_OPS, node_module
     from edgevit.quant.sensitivity import layer_sensitivity, pair_safe_fake_quant_weight
 
+    weights = {t.name for t in graph.graph.initializer}
+    kept_float = lambda name: any(name == m or name.startswith(m + ".") for m in float_modules)  # noqa: E731
+    candidates = {node_module(n.name) for n in graph.graph.node
+                  if n.op_type in LINEAR_OPS and len(n.input) > 1 and n.input[1] in weights} - {""}
     ranked = layer_sensitivity(model, quant.calibration[:8].float(), quantize_weight=pair_safe_fake_quant_weight,
                                quantize_input=False)
-    kept_float = lambda name: any(name == m or name.startswith(m + ".") for m in float_modules)  # noqa: E731
-    return [r.module for r in ranked if not kept_float(r.module)][:quant.full_range_weights]
+    return [r.module for r in ranked if r.module in candidates and not kept_float(r.module)][:quant.full_range_weights]
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor, path: Path, options: dict[str, Any]) -> None:

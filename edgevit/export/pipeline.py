@@ -106,7 +106,9 @@ def build_quant_spec(cfg, recipe: Recipe, calibration: Any, extra_float_modules:
         return QuantSpec(**settings)  # needs no calibration; verification then uses synthetic images
     if calibration is None:
         raise EdgevitError(f"{settings['mode']} int8 needs calibration images: use  edgevit quantize {cfg.name} --target {recipe.target} --calib-data DIR")
-    calibrate_on, held_out = split_held_out(calibration.inputs, recipe.verify_batch)
+    # Dynamic int8 calibrates nothing: its images are all verification images.
+    calibrate_on, held_out = (split_held_out(calibration.inputs, recipe.verify_batch) if settings["mode"] != "dynamic"
+                              else (calibration.inputs, None))
     return QuantSpec(**settings, calibration=calibrate_on, held_out=held_out, calibration_summary=calibration.summary)
 
 
@@ -185,12 +187,12 @@ def export_model(
     if quant is not None and quant.calibration is not None:
         # int8 is judged on real images, those calibration did not see where the sample allows.
         if quant.held_out is not None and len(quant.held_out):
-            example = quant.held_out[:chosen.verify_batch].float()
+            example, images = quant.held_out[:chosen.verify_batch].float(), "held out from calibration"
             seen = quant.calibration[:chosen.verify_batch].float()
         else:
-            example = quant.calibration[:chosen.verify_batch].float()
+            example, images = quant.calibration[:chosen.verify_batch].float(), "calibration images"
     else:
-        example = verification_batch(cfg, chosen.verify_batch)
+        example, images = verification_batch(cfg, chosen.verify_batch), "synthetic (uniform 8-bit pixels, the model's normalisation)"
     reference = _reference_outputs(qat_program, reference_model, example)
     seconds["load"] = time.perf_counter() - clock
 
@@ -210,12 +212,11 @@ def export_model(
             verification = _verify(implementation, result, chosen, deploy_model, example, reference,
                                    qat=qat_program is not None,
                                    seen=None if seen is None else (seen, _reference_outputs(qat_program, reference_model, seen)))
-            verification["images"] = ("held out from calibration" if seen is not None else
-                                       "calibration images" if quant is not None and quant.calibration is not None
-                                       else "synthetic (uniform 8-bit pixels, the model's normalisation)")
+            verification["images"] = images
             verification["host"] = host_isa()
         else:
             verification = {"check": "skipped (--no-verify)", "passed": None}
+        _check_int8_kernels(implementation, result, verification, enforce=verify)
         seconds["verify"] = time.perf_counter() - clock
 
         if verification.get("passed") is False:
@@ -283,21 +284,30 @@ def _verify(implementation, result, recipe: Recipe, deploy_model: nn.Module, exa
         failures.append(collapse)
     if not figures["finite"]:
         failures.insert(0, "output has NaN or Inf")
-    # The static half of an int8 check: the numbers above hold on this host's kernels; the
-    # target's reading of the artifact says on which other CPUs they hold too.
-    kernels = result.details.get("int8_kernels")
-    if kernels is not None and kernels.get("not_exact_on"):
-        failures += [f"not exact on {cpu}: {why}" for cpu, why in kernels["not_exact_on"].items()]
     verification = {"check": check or names[0], "batch": len(example), **figures,
-                    "tolerances": recipe.to_dict()["verify"], **({"int8_kernels": kernels} if kernels is not None else {}),
-                    "passed": not failures, "failures": failures, "notes": notes}
-    if seen is not None:
+                    "tolerances": recipe.to_dict()["verify"], "passed": not failures, "failures": failures, "notes": notes}
+    if seen is not None and not failures:
         # A large gap to the figures above means the ranges fit the sample rather than the data.
         seen_candidate, seen_expected, _, _ = outputs(*seen)
         seen_figures = compare_outputs(seen_expected, seen_candidate)
         verification["calibration_images"] = {"batch": len(seen[0]), **{k: seen_figures[k] for k in (
             "cosine", "mean_cosine", "max_rel_error", "top1_agreement")}}
     return verification
+
+
+def _check_int8_kernels(implementation, result, verification: dict[str, Any], enforce: bool) -> None:
+    """The static half of an int8 check, which needs no runtime: the target's reading of the
+    artifact says on which CPUs its numbers hold (those measured above hold on this host's
+    kernels only). One not exact on every CPU fails, unless verification was skipped."""
+    reader = getattr(implementation, "int8_exactness", None)
+    kernels = reader(result) if reader is not None else None
+    if kernels is None:
+        return
+    verification["int8_kernels"] = kernels
+    if enforce and kernels["not_exact_on"]:
+        verification["failures"] = verification.get("failures", []) + [
+            f"not exact on {cpu}: {why}" for cpu, why in kernels["not_exact_on"].items()]
+        verification["passed"] = False
 
 
 def _manifest(cfg, recipe: Recipe, spec, result, report, weights, verification, seconds) -> dict[str, Any]:

@@ -167,6 +167,9 @@ def _parse_quantization(table: Any, precision: str, target, where: str) -> dict[
         raise EdgevitError(f"{where}: unknown float_ops {', '.join(sorted(map(str, bad_ops)))} (known: {', '.join(OP_KINDS)})")
     if table.get("calibration_images", 1) < 1:
         raise EdgevitError(f"{where}: [quantization] calibration_images must be at least 1")
+    if "full_range_weights" in table and (table["full_range_weights"] < 0 or target.name != "onnx"):
+        raise EdgevitError(f"{where}: [quantization] full_range_weights is a count >= 0 for the onnx target only "
+                           f"(got {table['full_range_weights']} for {target.name})")
     return dict(table)
 
 

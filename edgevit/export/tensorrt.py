@@ -70,9 +70,6 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         details["float16"] = kept
     elif precision == "int8":
         graph, details["int8"] = _quantize(model, path, quant, options)
-        # No CPU runs this artifact; NVIDIA's int8 tensor-core (IMMA) and DP4A paths accumulate
-        # four-way byte products in int32, with no 16-bit step to saturate.
-        details["int8_kernels"] = {"exact_on": ["NVIDIA GPUs (int32 accumulation)"], "not_exact_on": {}}
     else:
         graph = onnx.load(str(path))
     if precision != "fp32":
@@ -399,6 +396,14 @@ class EngineRunner:
 
 def _torch_dtype(trt, dtype) -> torch.dtype:
     return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}.get(dtype, torch.float32)
+
+
+def int8_exactness(result: ExportResult) -> dict[str, Any] | None:
+    """No CPU runs a TensorRT int8 engine; NVIDIA's int8 tensor-core (IMMA) and DP4A paths
+    accumulate four-way byte products in int32, with no 16-bit step to saturate."""
+    if "int8" not in result.details:
+        return None
+    return {"checked_weights": None, "exact_on": ["NVIDIA GPUs (int32 accumulation)"], "not_exact_on": {}}
 
 
 def load_engine(engine_path: Path) -> EngineRunner:

@@ -522,9 +522,12 @@ def _float_logits(model) -> int:
 
 PAIR_LIMIT = 128  # |w₁|+|w₂| ≤ 128: 255·128 = 32640 fits VPMADDUBSW's int16 (32767)
 WEIGHT_SCALES = "pair-safe per channel: the two largest |int8 weights| of a channel sum to ≤ 128"
-# Integer ops with a weight operand: op → (weight slot, weight zero-point slot).
-_INTEGER_WEIGHT_SLOTS = {"MatMulInteger": (1, 3), "ConvInteger": (1, 3), "DynamicQuantizeMatMul": (1, 3),
-                         "MatMulIntegerToFloat": (1, 5), "QLinearConv": (3, 5), "QLinearMatMul": (3, 5), "QGemm": (3, 5)}
+# Integer ops with a weight operand, and its input slot.
+_INTEGER_WEIGHT_SLOTS = {"MatMulInteger": 1, "ConvInteger": 1, "DynamicQuantizeMatMul": 1, "MatMulIntegerToFloat": 1,
+                         "QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3}
+# Ops between a weight's DequantizeLinear and the op that multiplies it (the dynamo exporter
+# writes a Linear on 3-D input as DequantizeLinear → Transpose → MatMul).
+_WEIGHT_PATH_OPS = ("Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten")
 
 
 def _channel_axis(node, weight: np.ndarray) -> int:
@@ -536,9 +539,11 @@ def _channel_axis(node, weight: np.ndarray) -> int:
     return weight.ndim - 1  # MatMul-like: (…, K, N)
 
 
-def _two_largest(values: np.ndarray, axis: int) -> np.ndarray:
-    """Per channel along ``axis``: the two largest magnitudes over the other axes, shape (C, 2)."""
-    rows = np.moveaxis(np.abs(values.astype(np.float64)), axis, 0).reshape(values.shape[axis], -1)
+def _two_largest(values: np.ndarray, axis: int | None) -> np.ndarray:
+    """Per channel along ``axis``: the two largest magnitudes over the other axes, shape (C, 2);
+    ``axis=None``: the whole tensor as one channel (where a reshape hides which axis is which)."""
+    magnitudes = np.abs(values.astype(np.float64))
+    rows = magnitudes.reshape(1, -1) if axis is None else np.moveaxis(magnitudes, axis, 0).reshape(values.shape[axis], -1)
     if rows.shape[1] == 1:
         return np.concatenate([rows, np.zeros_like(rows)], axis=1)
     return -np.sort(-rows, axis=1)[:, :2]
@@ -577,21 +582,43 @@ def pair_safe_weight_ranges(model, per_channel: bool, full_range_modules: Iterab
     return overrides
 
 
-def _integer_weights(g: _Graph, node, constant) -> tuple[np.ndarray, int] | None:
-    """The stored integer weight an int8 kernel will read for ``node``, with its channel axis."""
-    if node.op_type in _INTEGER_WEIGHT_SLOTS:
-        name = node.input[_INTEGER_WEIGHT_SLOTS[node.op_type][0]]
-    elif node.op_type in LINEAR_OPS and len(node.input) > 1:
-        dq = g.producer.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear":
-            return None
-        name = dq.input[0]
-    else:
-        return None
-    values = constant(name)
-    if values is None or values.dtype not in (np.int8, np.uint8) or values.ndim < 2:
-        return None
-    return values, _channel_axis(node, values)
+def _multiplying_ops(g: _Graph, tensor: str, ndim: int):
+    """The linear ops that multiply ``tensor``, following it through :data:`_WEIGHT_PATH_OPS`:
+    (op, input slot, axes) where ``axes[j]`` is the stored tensor's axis that the op sees as its
+    axis j (None once a reshape has mixed them)."""
+    stack = [(tensor, list(range(ndim)))]
+    while stack:
+        name, axes = stack.pop()
+        for user in g.consumers.get(name, []):
+            if user.op_type in LINEAR_OPS:
+                yield user, list(user.input).index(name), axes
+            elif user.op_type == "Transpose" and axes is not None:
+                perm = next((list(a.ints) for a in user.attribute if a.name == "perm"), list(reversed(range(len(axes)))))
+                stack.append((user.output[0], [axes[p] for p in perm]))
+            elif user.op_type in _WEIGHT_PATH_OPS:
+                stack.append((user.output[0], axes if user.op_type == "Identity" else None))
+
+
+def _integer_weights(g: _Graph, constant):
+    """Every stored int8/uint8 tensor that an op multiplies with (through a DequantizeLinear in
+    QDQ graphs, or as the weight of an integer op): (tensor name, values, op, the stored axis of
+    the op's output channels, None where a reshape hides it)."""
+    for node in g.nodes:
+        if node.op_type in _INTEGER_WEIGHT_SLOTS:
+            name = node.input[_INTEGER_WEIGHT_SLOTS[node.op_type]]
+            values = constant(name)
+            if values is not None and values.dtype in (np.int8, np.uint8) and values.ndim >= 2:
+                yield name, values, node, _channel_axis(node, values)
+        elif node.op_type == "DequantizeLinear":
+            values = constant(node.input[0])
+            if values is None or values.dtype not in (np.int8, np.uint8) or values.ndim < 2:
+                continue
+            for op, slot, axes in _multiplying_ops(g, node.output[0], values.ndim):
+                # The weight operand's output channels; a constant first operand (A of A·B) sums
+                # along its last axis, one row per output row.
+                seen_axis = _channel_axis(op, values) if slot == 1 else values.ndim - 2 if op.op_type == "MatMul" else None
+                if seen_axis is not None:
+                    yield node.input[0], values, op, None if axes is None else axes[seen_axis]
 
 
 def kernel_exactness(model) -> dict[str, Any]:
@@ -620,20 +647,18 @@ def kernel_exactness(model) -> dict[str, Any]:
         return numpy_helper.to_array(tensors[name]) if name in tensors else None
 
     checked, worst_pair, over_limit, minus_128 = 0, 0, [], []
+    for _name, values, node, axis in _integer_weights(g, constant):
+        checked += 1
+        if values.dtype == np.int8:  # uint8 weights take the widening u8·u8 kernels
+            pair = int(_two_largest(values, axis).sum(axis=1).max())
+            worst_pair = max(worst_pair, pair)
+            if pair > PAIR_LIMIT:
+                over_limit.append(node.name)
+            if values.min() == -128:
+                minus_128.append(node.name)
     signed_products = []
     for node in g.nodes:
-        found = _integer_weights(g, node, constant)
-        if found is not None:
-            values, axis = found
-            checked += 1
-            if values.dtype == np.int8:
-                pair = int(_two_largest(values, axis).sum(axis=1).max())
-                worst_pair = max(worst_pair, pair)
-                if pair > PAIR_LIMIT:
-                    over_limit.append(node.name)
-                if values.min() == -128:
-                    minus_128.append(node.name)
-        elif node.op_type == "MatMul" and len(g.dynamic_inputs(node)) == 2:
+        if node.op_type == "MatMul" and len(g.dynamic_inputs(node)) == 2:
             dq = g.producer.get(node.input[1])
             zero_point = constant(dq.input[2]) if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) > 2 else None
             if zero_point is not None and zero_point.dtype == np.int8:
@@ -779,8 +804,9 @@ def from_pt2e_program(model) -> Int8Graph:
     PT2E (XNNPACK's quantizer) gives activations int8 with a zero point; onnxruntime's fast
     kernels are u8·s8, and some of its fusions insist on uint8 activations (onnxruntime 1.31
     refuses the int8 ones: "... INT8 does not match y_zero_point UINT8"). uint8 with the zero
-    point + 128 and the same scale is the same grid, so every value stays what it was; weights
-    (constants) keep int8.
+    point + 128 and the same scale is the same grid, so every value stays what it was. The
+    weights become uint8 the same way, for exactness (see the module doc); other int8
+    constants (e.g. a position bias quantized as an activation) stay int8.
     """
     import onnx
     from onnx import numpy_helper
@@ -818,19 +844,16 @@ def from_pt2e_program(model) -> Int8Graph:
             info.type.tensor_type.elem_type = onnx.TensorProto.UINT8
     # The trained int8 weights span [-127, 127]; as uint8 (zero point + 128, the same values) they
     # run on onnxruntime's widening u8·u8 kernels, exact on every CPU (see kernel_exactness).
-    weights: set[str] = set()
-    for node in g.nodes:
-        if node.op_type not in LINEAR_OPS or len(node.input) < 2:
+    value = lambda name: numpy_helper.to_array(constants[name]) if name in constants else None  # noqa: E731
+    weights = {name: values for name, values, _op, _axis in _integer_weights(g, value) if values.dtype == np.int8}
+    for dq in g.nodes:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in weights or len(dq.input) < 3:
             continue
-        dq = g.producer.get(node.input[1])
-        stored = constants.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if stored is None or stored.data_type != onnx.TensorProto.INT8 or len(dq.input) < 3:
-            continue
-        if dq.input[0] not in weights:
-            values = numpy_helper.to_array(stored).astype(np.int16) + 128
-            graph.initializer.append(numpy_helper.from_array(values.astype(np.uint8), f"{dq.input[0]}_uint8"))
-            weights.add(dq.input[0])
-        dq.input[0] = f"{dq.input[0]}_uint8"
+        unsigned = f"{dq.input[0]}_uint8"
+        if not any(t.name == unsigned for t in graph.initializer):
+            values = weights[dq.input[0]].astype(np.int16) + 128
+            graph.initializer.append(numpy_helper.from_array(values.astype(np.uint8), unsigned))
+        dq.input[0] = unsigned
         dq.input[2] = uint8_zero_point(dq.input[2])
     _drop_unused_constants(model)
     _check(model)

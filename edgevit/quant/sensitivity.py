@@ -66,7 +66,7 @@ def layer_sensitivity(model: nn.Module, inputs: torch.Tensor,
             input_ranges[name] = (min(low, x.min().item()), max(high, x.max().item()))
         return hook
 
-    handles = [module.register_forward_pre_hook(record(name)) for name, module in layers.items()]
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in layers.items()] if quantize_input else []
     try:
         with torch.no_grad():
             reference = model(inputs)

@@ -169,3 +169,33 @@ def test_cli_recipe_file_and_one_line_result(capsys, tmp_path):
 def test_no_verify_is_recorded(tmp_path):
     outcome = export_model("levit_128s", "onnx", out_dir=tmp_path, verify=False)
     assert outcome.manifest["verification"] == {"check": "skipped (--no-verify)", "passed": None}
+
+
+@pytest.mark.parametrize("count, verify_batch, calibrated, held", [
+    (1, 16, 1, 0),  # one image cannot be split
+    (2, 16, 1, 1),
+    (8, 16, 6, 2),  # a quarter held out
+    (100, 16, 84, 16),  # at most the verification batch
+])
+def test_calibration_sample_is_split_for_held_out_verification(count, verify_batch, calibrated, held):
+    from edgevit.export.pipeline import split_held_out
+
+    images = torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1)
+    calibrate_on, held_out = split_held_out(images, verify_batch)
+    assert len(calibrate_on) == calibrated and (0 if held_out is None else len(held_out)) == held
+    if held_out is not None:  # disjoint, and together the whole sample
+        assert torch.equal(torch.cat([calibrate_on, held_out]), images)
+
+
+@pytest.mark.parametrize("target, count, fragment", [
+    ("onnx", -1, "full_range_weights is a count >= 0"),
+    ("executorch", 4, "for the onnx target only"),
+])
+def test_full_range_weights_is_checked_in_a_recipe(tmp_path, target, count, fragment):
+    from edgevit.export.recipes import load_recipe_file
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'name = "r"\ntarget = "{target}"\nprecision = "int8"\n[quantization]\nmode = "static"\n'
+                      f'full_range_weights = {count}\n')
+    with pytest.raises(EdgevitError, match=fragment):
+        load_recipe_file(recipe)

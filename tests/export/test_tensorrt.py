@@ -416,3 +416,23 @@ def test_engine_refuses_metadata_of_another_gpu(tmp_path):
     metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "compute_capability": "1.0"}))
     with pytest.raises(EdgevitError, match=r"compute capability 1.0 \(here"):
         load_runner(outcome.artifact, {})
+
+
+def test_int8_precheck_runs_the_qdq_pairs_in_float(exported):
+    """The pre-check must not depend on the host's int8 kernels (issue #13: on an AVX2 host the
+    fused ones saturate): with Q/DQ fusion off onnxruntime gives what its plain reference
+    semantics give, every optimisation off."""
+    import onnxruntime as ort
+
+    from edgevit.export import onnx as onnx_target
+
+    outcome = exported("mobilevitv2_050", "timm__mobilevitv2_050", "int8")
+    path = outcome.bundle / "mobilevitv2_050.onnx"
+    batch = np.random.default_rng(0).standard_normal((2, 3, 256, 256)).astype(np.float32)
+    simulated = onnx_target.load_runner(path, {}, fuse_qdq=False)(batch)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = plain.get_inputs()[0].name
+    reference = np.concatenate([plain.run(None, {name: batch[i:i + 1]})[0] for i in range(len(batch))])
+    assert np.abs(simulated - reference).max() <= 1e-4 * np.abs(reference).max()

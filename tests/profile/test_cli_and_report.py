@@ -134,7 +134,7 @@ def _hostname(two_runs):
 
 
 def _this_host(two_runs):
-    features = " ".join(host.cpu_features()) or "no int8 features found"
+    features = " ".join(host.cpu_features() or []) or "no int8 features found"
     return f"{_hostname(two_runs)} ({host.int8_kernel_class()}: {features})"
 
 

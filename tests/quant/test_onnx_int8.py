@@ -188,7 +188,7 @@ def test_dynamic_int8_on_both_exporters(tmp_path, exporter):
     assert any(n.op_type == "MatMul" for n in in_stage)
     found = figures(model, result.path, photo_like(model, 4, seed=2))
     assert found["cosine"] >= 0.999 and found["decided_top1_kept"][0] == found["decided_top1_kept"][1]
-    assert result.details["int8_kernels"]["not_exact_on"] == {}
+    assert onnx_target.int8_exactness(result)["not_exact_on"] == {}
 
 
 def test_qat_without_its_program_is_refused(tmp_path):
@@ -249,7 +249,7 @@ def test_static_weights_are_exact_on_every_cpu(static_artifacts, name):
     # No two int8 weights of an output channel sum to more than 128 in magnitude, so the u8·s8
     # kernels of x86 without VNNI (VPMADDUBSW's saturating int16 pair sums) compute exactly.
     model, result = static_artifacts[name]
-    kernels = result.details["int8_kernels"]
+    kernels = onnx_target.int8_exactness(result)  # read from the file written
     assert kernels["not_exact_on"] == {} and set(kernels["exact_on"]) == set(INT8_KERNEL_CLASSES)
     assert 0 < kernels["worst_weight_pair"] <= PAIR_LIMIT
     graph = onnx.load(str(result.path))
@@ -261,8 +261,8 @@ def test_static_weights_are_exact_on_every_cpu(static_artifacts, name):
     for values, axis in weights.values():
         rows = np.moveaxis(np.abs(values.astype(np.int32)), axis, 0).reshape(values.shape[axis], -1)
         assert (np.sort(rows, axis=1)[:, -2:].sum(axis=1) <= PAIR_LIMIT).all() and values.min() > -128
-    # Pair-safe scales keep 8 bits where a channel has one large weight: not a blanket 7 bits.
-    assert max(int(np.abs(v).max()) for v, _ in weights.values()) > 64
+    # Pair-safe scales keep 8 bits where a channel has one large weight (7-bit weights stop at 64).
+    assert max(int(np.abs(v).max()) for v, _ in weights.values()) > 90
 
 
 def test_a_planted_saturating_pair_and_a_minus_128_weight_are_caught(static_artifacts):
@@ -283,3 +283,68 @@ def test_a_planted_saturating_pair_and_a_minus_128_weight_are_caught(static_arti
     found = kernel_exactness(graph)
     assert ARM_NO_DOT in found["not_exact_on"] and "-128" in found["not_exact_on"][ARM_NO_DOT]
     assert X86_NO_VNNI in found["exact_on"]  # |-128| + |0| = 128 does not saturate
+
+
+def _matmul_through_transpose(weight: np.ndarray):
+    """input (1, 4, K) · Transpose(DequantizeLinear(weight (N, K))): a Linear as the dynamo
+    exporter writes it in a QDQ graph."""
+    from onnx import TensorProto, helper
+
+    n, k = weight.shape
+    nodes = [helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zero"], ["w_float"], axis=0),
+             helper.make_node("Transpose", ["w_float"], ["w_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w_t"], ["y"])]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, n])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "w_scale"),
+                               numpy_helper.from_array(np.zeros(n, np.int8), "w_zero")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_weight_behind_a_transpose_is_checked_along_its_own_channels():
+    weight = np.zeros((3, 8), np.int8)  # (N out, K in): the pairs a kernel sums lie along K
+    weight[1, 2], weight[1, 5] = 127, -100
+    found = kernel_exactness(_matmul_through_transpose(weight))
+    assert found["checked_weights"] == 1 and found["worst_weight_pair"] == 227 and X86_NO_VNNI in found["not_exact_on"]
+    # The same values spread over two channels pair with nothing: exact.
+    weight[1, 5], weight[2, 5] = 0, -100
+    found = kernel_exactness(_matmul_through_transpose(weight))
+    assert found["worst_weight_pair"] == 127 and found["not_exact_on"] == {}
+
+
+def test_the_pipeline_refuses_an_artifact_not_exact_on_every_cpu(static_artifacts, tmp_path):
+    from edgevit.export.base import ExportResult
+    from edgevit.export.pipeline import _check_int8_kernels
+
+    _, result = static_artifacts["efficientformer_l1"]
+    graph = onnx.load(str(result.path))
+    name, (values, _axis) = next((k, v) for k, v in _int8_weights(graph).items() if v[1] == 0)
+    planted = values.copy()
+    planted.reshape(len(planted), -1)[0, :2] = (127, 127)
+    next(t for t in graph.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(planted, name))
+    path = tmp_path / "planted.onnx"
+    onnx.save(graph, str(path))
+    verification = {"passed": True, "failures": []}
+    _check_int8_kernels(onnx_target, ExportResult(path, result.details), verification, enforce=True)
+    assert verification["passed"] is False and verification["failures"][0].startswith(f"not exact on {X86_NO_VNNI}")
+    # --no-verify records the reading but does not judge
+    skipped = {"passed": None}
+    _check_int8_kernels(onnx_target, ExportResult(path, result.details), skipped, enforce=False)
+    assert skipped["passed"] is None and X86_NO_VNNI in skipped["int8_kernels"]["not_exact_on"]
+
+
+def test_pair_safe_ranking_rounds_weights_as_the_onnx_quantizer_does(static_artifacts):
+    """sensitivity.pair_safe_fake_quant_weight (which ranks the layers that keep 8 bits) and the
+    ranges given to onnxruntime describe the same int8 grid."""
+    from edgevit.quant.onnx_int8 import pair_safe_weight_ranges
+    from edgevit.quant.sensitivity import pair_safe_fake_quant_weight
+
+    weight = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(0))
+    weight[2, 0, 0, 0] = 9.0  # a channel with one outlier
+    from onnx import helper
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="/conv/Conv")
+    graph = helper.make_graph([node], "g", [], [], [numpy_helper.from_array(weight.numpy(), "w")])
+    ranges = pair_safe_weight_ranges(helper.make_model(graph), per_channel=True)["w"]
+    scales = torch.tensor([r["rmax"] / 127 for r in ranges]).view(-1, 1, 1, 1)
+    expected = (weight / scales).round().clamp(-127, 127) * scales
+    assert torch.allclose(pair_safe_fake_quant_weight(weight), expected, atol=1e-6)

@@ -207,7 +207,8 @@ def test_static_int8_lowers_whole_and_runs_like_the_pt2e_program(tmp_path):
     with torch.no_grad():
         assert compare_outputs(model(batch).numpy(), got)["cosine"] > 0.99
     # Weights stop at -127, so XNNPACK's int16 pair sums (Arm "mlal" kernels) cannot wrap.
-    assert details["int8_kernels"]["not_exact_on"] == {} and details["int8_kernels"]["checked_weights"] == 5
+    kernels = executorch.int8_exactness(result)
+    assert kernels["not_exact_on"] == {} and kernels["checked_weights"] == 5
 
 
 def test_a_minus_128_weight_is_named_as_not_exact_on_arm_without_dot_product():

@@ -121,10 +121,13 @@ def test_qat_model_exports_to_onnx_with_its_trained_scales(qat_result, tmp_path)
     # The trained int8 weights are stored as uint8 (zero point 128: the same values), which
     # onnxruntime's widening u8·u8 kernels run exactly on every CPU.
     weight_slots = {n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1}
+    # the dynamo exporter writes a Linear on tokens as DequantizeLinear → Transpose → MatMul
+    weight_slots |= {t.input[0] for t in graph.node if t.op_type == "Transpose" and t.output[0] in weight_slots}
     weights = [constants[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in constants
                and n.output[0] in weight_slots]
-    assert weights and all(w.dtype == np.uint8 for w in weights)
-    assert not details["int8_kernels"]["not_exact_on"], details["int8_kernels"]
+    assert weights and all(w.dtype == np.uint8 for w in weights), [w.dtype for w in weights]
+    kernels = onnx_target.int8_exactness(artifact)  # read from the file written
+    assert not kernels["not_exact_on"] and kernels["checked_weights"] == len(weights), kernels
     got = onnx_target.load_runner(artifact.path, options)(images.numpy())
     figures = compare_outputs(run_graph(spec.qat_model, images).numpy(), got)
     assert figures["cosine"] > 0.995 and figures["top1_agreement"] >= 0.95, figures
