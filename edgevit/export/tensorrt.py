@@ -431,9 +431,9 @@ def precheck(result: ExportResult, model: nn.Module, example: torch.Tensor, prec
     path = result.evidence.get("onnx") if result is not None else None
     if path is None or not path.is_file():
         raise EdgevitError("the TensorRT pre-check runs the ONNX export() wrote: pass its ExportResult")
-    # Q/DQ fusion off: onnxruntime then computes every Q/DQ pair in float, as TensorRT's int32
-    # accumulation does, instead of its CPU int8 kernels (whose results depend on the host's ISA).
-    run = onnx_target.load_runner(path, {}, fuse_qdq=False)
+    # int8: every Q/DQ pair computed as ONNX defines it, in float, as TensorRT's int32 accumulation
+    # does, not on onnxruntime's CPU int8 kernels (whose results depend on the host's ISA).
+    run = onnx_target.load_runner(path, {}, optimize=precision != "int8")
     candidate = run(example.numpy())
     with torch.no_grad():
         reference = model(example).numpy()

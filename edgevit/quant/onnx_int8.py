@@ -656,13 +656,14 @@ def kernel_exactness(model) -> dict[str, Any]:
                 over_limit.append(node.name)
             if values.min() == -128:
                 minus_128.append(node.name)
-    signed_products = []
+    signed_products = []  # activation × activation products whose second operand is int8
     for node in g.nodes:
-        if node.op_type == "MatMul" and len(g.dynamic_inputs(node)) == 2:
-            dq = g.producer.get(node.input[1])
-            zero_point = constant(dq.input[2]) if dq is not None and dq.op_type == "DequantizeLinear" and len(dq.input) > 2 else None
-            if zero_point is not None and zero_point.dtype == np.int8:
-                signed_products.append(node.name)
+        dq = g.producer.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in tensors or len(dq.input) < 3:
+            continue  # no int8 operand, or a stored weight (checked above)
+        zero_point = constant(dq.input[2])
+        if zero_point is not None and zero_point.dtype == np.int8:
+            signed_products.append(node.name)
     not_exact: dict[str, str] = {}
     if over_limit or signed_products:
         reasons = []

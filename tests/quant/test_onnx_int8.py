@@ -261,8 +261,9 @@ def test_static_weights_are_exact_on_every_cpu(static_artifacts, name):
     for values, axis in weights.values():
         rows = np.moveaxis(np.abs(values.astype(np.int32)), axis, 0).reshape(values.shape[axis], -1)
         assert (np.sort(rows, axis=1)[:, -2:].sum(axis=1) <= PAIR_LIMIT).all() and values.min() > -128
-    # Pair-safe scales keep 8 bits where a channel has one large weight (7-bit weights stop at 64).
-    assert max(int(np.abs(v).max()) for v, _ in weights.values()) > 90
+    # Not a blanket 7 bits (which stop at 64): a channel whose largest weight stands out uses more
+    # levels (measured on these random weights: 65 LeViT, 83 EfficientFormer, 95-96 the others).
+    assert max(int(np.abs(v).max()) for v, _ in weights.values()) > 64
 
 
 def test_a_planted_saturating_pair_and_a_minus_128_weight_are_caught(static_artifacts):
