@@ -530,13 +530,14 @@ _INTEGER_WEIGHT_SLOTS = {"MatMulInteger": 1, "ConvInteger": 1, "DynamicQuantizeM
 _WEIGHT_PATH_OPS = ("Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten")
 
 
-def _channel_axis(node, weight: np.ndarray) -> int:
-    """The output-channel axis of a weighted op's weight; the reduction runs over the others."""
+def channel_axis(node, ndim: int) -> int:
+    """The output-channel axis of a weighted op's ``ndim``-D weight; the reduction runs over the
+    others (shared with the TensorRT Q/DQ placement)."""
     if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
-        return 0
+        return 0  # (Cout, Cin/g, kh, kw)
     if node.op_type in ("Gemm", "QGemm"):
         return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
-    return weight.ndim - 1  # MatMul-like: (…, K, N)
+    return ndim - 1  # MatMul-like: (…, K, N), per output column N
 
 
 def _two_largest(values: np.ndarray, axis: int | None) -> np.ndarray:
@@ -569,7 +570,7 @@ def pair_safe_weight_ranges(model, per_channel: bool, full_range_modules: Iterab
         weight = numpy_helper.to_array(weights[node.input[1]])
         if weight.ndim < 2 or not np.issubdtype(weight.dtype, np.floating):
             continue
-        axis = _channel_axis(node, weight)
+        axis = channel_axis(node, weight.ndim)
         if node_module(node.name) in full_range:
             overrides[node.input[1]] = [{"quant_type": QuantType.QUInt8, **({"axis": axis} if per_channel else {})}]
             continue
@@ -608,7 +609,7 @@ def _integer_weights(g: _Graph, constant):
             name = node.input[_INTEGER_WEIGHT_SLOTS[node.op_type]]
             values = constant(name)
             if values is not None and values.dtype in (np.int8, np.uint8) and values.ndim >= 2:
-                yield name, values, node, _channel_axis(node, values)
+                yield name, values, node, channel_axis(node, values.ndim)
         elif node.op_type == "DequantizeLinear":
             values = constant(node.input[0])
             if values is None or values.dtype not in (np.int8, np.uint8) or values.ndim < 2:
@@ -616,7 +617,7 @@ def _integer_weights(g: _Graph, constant):
             for op, slot, axes in _multiplying_ops(g, node.output[0], values.ndim):
                 # The weight operand's output channels; a constant first operand (A of A·B) sums
                 # along its last axis, one row per output row.
-                seen_axis = _channel_axis(op, values) if slot == 1 else values.ndim - 2 if op.op_type == "MatMul" else None
+                seen_axis = channel_axis(op, values.ndim) if slot == 1 else values.ndim - 2 if op.op_type == "MatMul" else None
                 if seen_axis is not None:
                     yield node.input[0], values, op, None if axes is None else axes[seen_axis]
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from edgevit.errors import EdgevitError
 from edgevit.export.base import quiet
-from edgevit.quant.onnx_int8 import node_module  # module paths from TorchScript node names
+from edgevit.quant.onnx_int8 import channel_axis, node_module  # node module paths, weight channel axes
 from edgevit.quant.spec import QuantSpec
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -162,15 +162,11 @@ def _weight_axis(node, weight, per_channel: bool) -> int | None:
     """The output-channel axis of a weighted op's weight (None: per-tensor)."""
     if not per_channel:
         return None
-    if node.op_type == "Conv":
-        return 0  # (Cout, Cin/g, kh, kw)
     if node.op_type == "ConvTranspose":
         # (Cin, Cout/g, kh, kw): per output channel is axis 1, which a grouped (depthwise)
         # transposed conv does not have whole; one scale keeps it valid for TensorRT.
         return 1 if _attribute(node, "group", 1) == 1 else None
-    if node.op_type == "Gemm":
-        return 0 if _attribute(node, "transB", 0) else 1
-    return len(weight.dims) - 1  # MatMul (K, N): per output column N
+    return channel_axis(node, len(weight.dims))
 
 
 def plan_qdq(model, spec: QuantSpec, float_module_names: Iterable[str] = ()) -> Placement:
