@@ -19,14 +19,14 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from edgevit.export.base import RuntimeUnavailable, quiet
-from edgevit.export.onnx import session
-from edgevit.export.pipeline import export_model, verification_batch
+from edgevit import runtimes
+from edgevit.core.quiet import quiet
+from edgevit.pipeline.export import ExportRequest, export_model
+from edgevit.runtimes import RuntimeUnavailable
 from edgevit.models import create_model
 from edgevit.profile.timing import measure, thread_settings
 
@@ -57,25 +57,18 @@ def stock_pte(name: str, directory: Path) -> Path:
     return path
 
 
-def onnx_runner(path: Path):
-    sess = session(path, threads=THREADS)
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})
+def artifact_runner(path: Path):
+    """One timed inference of the artifact in its runtime, as the profiler times it."""
+    return runtimes.load("onnxruntime" if path.suffix == ".onnx" else "executorch", path, threads=THREADS).bench
 
 
-def pte_runner(path: Path):
-    from edgevit.export import executorch as et_target
-
-    return et_target.load_runner(path, {"backend": "xnnpack"})
-
-
-def time_interleaved(runners: dict, x: np.ndarray, runs: int, rounds: int = 2) -> dict:
+def time_interleaved(runners: dict, runs: int, rounds: int = 2) -> dict:
     """Time every artifact ``rounds`` times, round-robin, and keep each one's best round: a
     background burst (or the export that just ran) then hurts no artifact more than another."""
     best: dict = {}
     for _ in range(rounds):
         for key, run in runners.items():
-            timing = measure(lambda: run(x), runs=runs)
+            timing = measure(run, runs=runs)
             if key not in best or timing.p50_ms < best[key].p50_ms:
                 best[key] = timing
     return best
@@ -100,21 +93,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models.split(","):
-            x = verification_batch(create_model(name).cfg, 1).numpy()
             timings = {}
-            paths = {"stock_onnx": (onnx_runner, stock_onnx(name, tmp))}
+            paths = {"stock_onnx": stock_onnx(name, tmp)}
             with console.status(f"{name}: exporting"):
                 for exporter in ("torchscript", "dynamo"):
-                    outcome = export_model(name, "onnx", out_dir=tmp / exporter, recipe="onnx-fp32",
-                                           options={"exporter": exporter})
-                    paths[f"edgevit_onnx_{exporter}"] = (onnx_runner, outcome.artifact)
+                    outcome = export_model(ExportRequest(name, "onnx", out_dir=tmp / exporter, recipe="onnx-fp32", options={"exporter": exporter}))
+                    paths[f"edgevit_onnx_{exporter}"] = outcome.artifact
                 try:
-                    paths["stock_pte"] = (pte_runner, stock_pte(name, tmp))
-                    paths["edgevit_pte"] = (pte_runner, export_model(name, "executorch", out_dir=tmp).artifact)
+                    paths["stock_pte"] = stock_pte(name, tmp)
+                    paths["edgevit_pte"] = export_model(ExportRequest(name, "executorch", out_dir=tmp)).artifact
                 except (ImportError, RuntimeUnavailable) as exc:
                     console.print(f"{name}: ExecuTorch skipped: {exc}")
             with console.status(f"{name}: timing {len(paths)} artifacts, 2 interleaved rounds"):
-                timings = time_interleaved({k: make(path) for k, (make, path) in paths.items()}, x, args.runs)
+                timings = time_interleaved({k: artifact_runner(path) for k, path in paths.items()}, args.runs)
             results["models"][name] = {k: t.to_dict() for k, t in timings.items()}
             p50 = {k: t.p50_ms for k, t in timings.items()}
             best_onnx = min(p50["edgevit_onnx_torchscript"], p50["edgevit_onnx_dynamo"])

@@ -31,18 +31,17 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 from edgevit.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
-from edgevit.evaluate import evaluate
-from edgevit.export.onnx import session
-from edgevit.export.pipeline import export_model
-from edgevit.host import host_isa
+from edgevit.pipeline.evaluate import evaluate
+from edgevit.pipeline.export import ExportRequest, export_model
+from edgevit.core.host import host_isa
 from edgevit.models import create_model
-from edgevit.profile.timing import measure, thread_settings
-from edgevit.quant import quantize_model
+from edgevit.profile.timing import thread_settings
+from edgevit.pipeline.quantize import QuantizeRequest, quantize_model
 from edgevit.quant.calibration import Calibration, preprocessing_of
-from edgevit.train import fine_tune, save_trained
-from export_latency import stock_onnx  # the same stock baseline as the export benchmark (this folder)
+from edgevit.training import fine_tune, save_trained
+from export_latency import artifact_runner, stock_onnx, time_interleaved  # shared with the export benchmark (this folder)
 
 SMALLEST = ["mobilevitv2_050", "efficientformer_l1", "levit_128s", "edgevit_xxs"]
 THREADS = 2
@@ -76,10 +75,7 @@ def accuracy_rows(name: str, args, work: Path, console: Console) -> dict:
         for target in ("executorch", "onnx"):
             clock = time.perf_counter()
             try:
-                outcome = quantize_model(
-                    name, target, mode, calib_stats=stats, weights=str(weights), out_dir=work / f"{mode}-{target}",
-                    train_data="fashion-mnist" if mode == "qat" else None, train_limit=args.train_limit,
-                    qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_result=qat_result)
+                outcome = quantize_model(QuantizeRequest(name, target, mode, calib_stats=stats, weights=str(weights), out_dir=work / f"{mode}-{target}", train_data="fashion-mnist" if mode == "qat" else None, train_limit=args.train_limit, qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_result=qat_result))
             except EdgevitError as failure:  # a failed verification is a result too: report it, go on
                 console.print(f"{name}: {mode} int8 {target}: [red]{failure}[/red]")
                 test_top1[f"{mode}_{target}"] = None
@@ -101,7 +97,6 @@ def native_calibration(name: str, count: int, work: Path) -> Path:
 
 
 def latency_rows(name: str, args, work: Path) -> dict:
-    from edgevit.export import executorch as et_target
 
     stats = native_calibration(name, 32, work)
 
@@ -111,30 +106,14 @@ def latency_rows(name: str, args, work: Path) -> dict:
 
     artifacts = {
         "stock_onnx_fp32": same_weights(lambda: stock_onnx(name, work)),
-        "onnx_fp32": same_weights(lambda: export_model(name, "onnx", out_dir=work / "lat").artifact),
-        "pte_fp32": same_weights(lambda: export_model(name, "executorch", out_dir=work / "lat").artifact),
+        "onnx_fp32": same_weights(lambda: export_model(ExportRequest(name, "onnx", out_dir=work / "lat")).artifact),
+        "pte_fp32": same_weights(lambda: export_model(ExportRequest(name, "executorch", out_dir=work / "lat")).artifact),
     }
     for key, target in (("onnx_int8", "onnx"), ("pte_int8", "executorch")):
         # Random weights: near-uniform logits make cosine a poor judge of int8 here (accuracy is
         # judged on the trained model above), so latency artifacts are only held to a loose bound.
-        artifacts[key] = same_weights(lambda: quantize_model(name, target, "static", calib_stats=stats, out_dir=work / "lat",
-                                                             tolerances={"min_cosine": 0.5}).export.artifact)
-    runners = {}
-    for key, path in artifacts.items():
-        if path.suffix == ".onnx":
-            sess = session(path, threads=THREADS)
-            input_name = sess.get_inputs()[0].name
-            runners[key] = (lambda s, n: lambda x: s.run(None, {n: x}))(sess, input_name)
-        else:
-            runners[key] = et_target.load_runner(path, {"backend": "xnnpack"})
-    cfg = create_model(name).cfg
-    x = load_fashion_mnist("test", cfg, limit=1).tensors()[0].numpy()
-    best: dict = {}
-    for _ in range(args.rounds):
-        for key, run in runners.items():
-            timing = measure(lambda: run(x), runs=args.runs)
-            if key not in best or timing.p50_ms < best[key].p50_ms:
-                best[key] = timing
+        artifacts[key] = same_weights(lambda: quantize_model(QuantizeRequest(name, target, "static", calib_stats=stats, out_dir=work / "lat", tolerances={"min_cosine": 0.5})).export.artifact)
+    best = time_interleaved({key: artifact_runner(path) for key, path in artifacts.items()}, args.runs, args.rounds)
     return {key: timing.to_dict() for key, timing in best.items()}
 
 

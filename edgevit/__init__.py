@@ -1,11 +1,14 @@
-"""edgevit: mobile vision transformers from PyTorch to devices, verified and measured."""
-from edgevit.models import create_model, list_models, load_checkpoint, to_deploy
+"""edgevit: mobile vision transformers from PyTorch to devices, verified and measured.
+
+Everything loads on first use, so `import edgevit` (the CLI's `--help`, the profiler's worker
+process) imports neither torch nor a runtime."""
 
 __version__ = "0.1.0"
 
-# The heavier entry points load on first use, so `import edgevit` stays quick.
-_LAZY = {"export_model": "edgevit.export.pipeline", "quantize_model": "edgevit.quant",
-         "evaluate": "edgevit.evaluate", "fine_tune": "edgevit.train"}
+_LAZY = {"create_model": "edgevit.models", "list_models": "edgevit.models", "load_checkpoint": "edgevit.models",
+         "to_deploy": "edgevit.models", "export_model": "edgevit.pipeline.export",
+         "quantize_model": "edgevit.pipeline.quantize", "evaluate": "edgevit.pipeline.evaluate",
+         "fine_tune": "edgevit.training"}
 
 
 def __getattr__(name: str):
@@ -15,4 +18,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'edgevit' has no attribute {name!r}")
 
 
-__all__ = ["create_model", "list_models", "load_checkpoint", "to_deploy", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]

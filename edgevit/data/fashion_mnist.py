@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = (

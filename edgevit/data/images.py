@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 
 # Suffixes Pillow decodes that image folders commonly hold; anything else in a folder is ignored.
 IMAGE_SUFFIXES = frozenset({

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgevit.errors import CheckpointError
+from edgevit.core.errors import CheckpointError
 from edgevit.models.registry import Family, get_family, get_model_cfg, list_families, list_models
 
 # Wrappers the authors and training libraries put around the state dict, in the order tried.

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from edgevit.errors import CheckpointError, EdgevitError
+from edgevit.core.errors import CheckpointError, EdgevitError
 from edgevit.models.layers import (
     batched_matmul,
     drop_path_layer,

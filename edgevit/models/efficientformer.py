@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgevit.errors import CheckpointError, EdgevitError
+from edgevit.core.errors import CheckpointError, EdgevitError
 from edgevit.models.layers import (
     attention_bias_index, batched_matmul, drop_path_layer, fuse_conv_bn, mean_tokens, merge_heads,
 )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgevit.errors import CheckpointError, EdgevitError
+from edgevit.core.errors import CheckpointError, EdgevitError
 from edgevit.models import layers
 from edgevit.models.registry import Family, ModelCfg, PaperFigures, register_family, register_model
 

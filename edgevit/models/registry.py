@@ -12,7 +12,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-from edgevit.errors import EdgevitError, UnknownModelError
+from edgevit.core.errors import EdgevitError, UnknownModelError
 
 if TYPE_CHECKING:
     import torch

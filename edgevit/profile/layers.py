@@ -23,7 +23,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from edgevit.profile import runtimes
+from edgevit import runtimes
+from edgevit.runtimes.base import captured_stderr
 
 _XNNPACK_INSTANCE = re.compile(r"\s*#\d+$")
 
@@ -45,10 +46,10 @@ def module_of_node(node_name: str, module_names: set[str]) -> str:
 def onnxruntime_layers(artifact: Path, threads: int, runs: int, module_names: set[str]) -> dict[str, dict[str, float]]:
     """Mean milliseconds per run, by module and by ONNX op type, from onnxruntime's profiler."""
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = runtimes.load("onnxruntime", artifact, threads, profile_prefix=str(Path(tmp) / "ort"))
+        session = runtimes.load("onnxruntime", artifact, threads=threads, trace_prefix=str(Path(tmp) / "ort"))
         for _ in range(runs + 1):
-            loaded.run()
-        events = json.loads(Path(loaded.end_trace()).read_text())
+            session.bench()
+        events = json.loads(Path(session.end_trace()).read_text())
     by_module: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
     node_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
@@ -65,11 +66,11 @@ def executorch_layers(artifact: Path, threads: int, runs: int) -> dict[str, dict
     from executorch.devtools import Inspector
 
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = runtimes.load("executorch", artifact, threads, profile_prefix=str(Path(tmp) / "et"))
+        session = runtimes.load("executorch", artifact, threads=threads, trace_prefix=str(Path(tmp) / "et"))
         for _ in range(runs + 1):
-            loaded.run()
-        etdump = loaded.end_trace()
-        with runtimes.quiet_stderr():
+            session.bench()
+        etdump = session.end_trace()
+        with captured_stderr():
             inspector = Inspector(etdump_path=etdump)
     by_op: dict[str, float] = defaultdict(float)
     for block in inspector.event_blocks:

@@ -1,49 +1,33 @@
 """``edgevit profile``: one model on one device, every target the device runs.
 
-Artifacts come from the export pipeline (an existing bundle of the same recipe is reused); each
-is measured where the device profile says the device is (this machine, in-process or in a fresh
+Artifacts are verified bundles handed in by the profile flow (``edgevit.pipeline.profile``,
+which reuses a bundle of the same recipe or exports one); each is measured where the device profile says the device is (this machine, in-process or in a fresh
 process; over ssh; over adb), or estimated from its peak figures where it cannot be reached.
 """
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from edgevit.errors import EdgevitError
-from edgevit.profile import estimate, layers, remote, results, runtimes, timing
+from edgevit.core.errors import EdgevitError
+from edgevit import runtimes
+from edgevit.profile import estimate, layers, remote, results, timing, worker
 from edgevit.profile.profiles import DeviceProfile
-
-
-def artifact_for(model: str, target: str, precision: str, artifacts_dir: Path,
-                 progress: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
-    """The verified artifact of the target's default recipe: the existing bundle, or a new export."""
-    from edgevit.export.pipeline import MANIFEST_NAME, bundle_name, export_model
-    from edgevit.export.recipes import resolve_recipe
-
-    recipe = resolve_recipe(None, target, precision)
-    manifest_path = artifacts_dir / bundle_name(model, recipe.name, {}) / MANIFEST_NAME
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        progress(f"using {manifest_path.parent}")
-        return manifest_path.parent / manifest["artifact"]["file"], manifest
-    progress(f"exporting {model} to {target} {precision}")
-    outcome = export_model(model, target, precision, out_dir=artifacts_dir, progress=progress)
-    return outcome.artifact, outcome.manifest
 
 
 def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None = None, precision: str = "fp32",
                   runs: int = 50, max_warmup: int = 100, threads: int | None = None, batch: int = 1,
                   isolate: bool = True, estimate_only: bool = False, with_layers: bool = False,
-                  artifacts_dir: Path = Path("artifacts"), progress: Callable[[str], None] = lambda _: None,
-                  repeats: int = 3) -> dict[str, Any]:
+                  bundles: dict[str, tuple[Path, dict[str, Any]]] | None = None,
+                  progress: Callable[[str], None] = lambda _: None, repeats: int = 3) -> dict[str, Any]:
     """Measure (or estimate) ``model`` on ``profile`` for each target; the results document.
 
     Each measurement is ``repeats`` repeats (a fresh process each when isolated) of at least
     ``runs / repeats`` timed runs, the targets taking turns (onnx, executorch, onnx, …), so a
     change in the machine's load lands on every target alike and shows up as repeats that
-    disagree (:func:`edgevit.profile.timing.combine`) instead of passing for a steady figure."""
+    disagree (:func:`edgevit.profile.timing.combine`) instead of passing for a steady figure.
+    ``bundles``: target → (artifact, manifest) for every measured target but torch."""
     from edgevit.models import get_model_cfg
 
     get_model_cfg(model)  # an unknown name fails before any slow work
@@ -62,7 +46,7 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
             progress(f"estimating {model} on {profile.name} ({runtime})")
             entry |= {"status": "estimate", **estimate.estimate(model, profile, precision, batch)}
             continue
-        artifact, manifest = (None, None) if target == "torch" else artifact_for(model, target, precision, artifacts_dir, progress)
+        artifact, manifest = (None, None) if target == "torch" else (bundles or {})[target]
         entry["artifact"] = _artifact_facts(artifact, manifest)
         planned.append((entry, remote.Request(runtime, artifact, threads, timing.split_runs(runs, repeats), max_warmup,
                                               batch, model)))
@@ -126,7 +110,7 @@ def _measure(profile: DeviceProfile, request: remote.Request, isolate: bool) -> 
         return remote.AdbDevice(profile.reach).measure(request)
     if isolate:
         return remote.measure_in_subprocess(request)
-    return runtimes.measure_artifact(request.runtime, request.artifact, request.threads, request.runs,
+    return worker.measure_artifact(request.runtime, request.artifact, request.threads, request.runs,
                                      request.batch, request.model, request.max_warmup)
 
 

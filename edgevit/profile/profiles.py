@@ -7,7 +7,7 @@ it, and its reference peak figures (for roofline estimates, each with where it c
     kind = "sbc"                       # phone | laptop | jetson | sbc | desktop-gpu | host
     description = "Raspberry Pi 5, 8 GB (Cortex-A76 ×4 at 2.4 GHz)"
     threads = 4                        # 0: every core of the machine that runs it
-    [runtimes]                         # target → runtime (edgevit.profile.runtimes.RUNTIMES)
+    [runtimes]                         # target → runtime (edgevit.runtimes.RUNTIMES)
     onnx = "onnxruntime"
     executorch = "executorch"
     [reach]
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgevit.datafiles import data_dir, read_toml
-from edgevit.errors import EdgevitError
-from edgevit.export import TARGETS
-from edgevit.profile.runtimes import RUNTIMES
+from edgevit.core.datafiles import data_dir, read_toml
+from edgevit.core.errors import EdgevitError
+from edgevit.targets import TARGETS
+from edgevit.runtimes import RUNTIMES
 
 KINDS = ("phone", "laptop", "jetson", "sbc", "desktop-gpu", "host")
 REACH_METHODS = {  # method → the keys it takes (the first ones it requires)

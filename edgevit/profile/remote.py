@@ -1,7 +1,8 @@
 """Measuring on another machine: over ssh (any device with Python and the runtime), over adb
 (Android, with ExecuTorch's ``executor_runner``), or in a fresh local process.
 
-Every way runs the same worker, ``runtimes.py`` with ``timing.py`` beside it, except adb, where
+Every way runs the same worker, ``worker.py`` with ``timing.py``, ``host.py`` and the ``runtimes/``
+package beside it, except adb, where
 the phone runs ExecuTorch's own C++ runner and its per-iteration log is summarised with the same
 protocol (:func:`edgevit.profile.timing.summarize`). Every call has a bounded timeout.
 """
@@ -17,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from edgevit import host
-from edgevit.errors import EdgevitError
-from edgevit.profile import runtimes, timing
+from edgevit import runtimes
+from edgevit.core import host
+from edgevit.core.errors import EdgevitError
+from edgevit.profile import timing, worker
 
 # The worker and what it imports: all an ssh device needs from edgevit.
 # host.py goes along so that results measured over ssh record the device's ISA.
-WORKER_FILES = (Path(runtimes.__file__), Path(timing.__file__), Path(host.__file__))
+WORKER_FILES = (Path(worker.__file__), Path(timing.__file__), Path(host.__file__), Path(runtimes.__file__).parent)
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds edgevit/
 # Seconds for one measurement: loading, warm-up and the runs of a small model on a slow board.
 MEASURE_TIMEOUT_S = 600
@@ -64,7 +66,7 @@ def _worker_result(completed: subprocess.CompletedProcess, where: str) -> dict[s
         result = json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:
         result = None
-    if completed.returncode == runtimes.EXIT_UNAVAILABLE and result:
+    if completed.returncode == worker.EXIT_UNAVAILABLE and result:
         raise runtimes.RuntimeUnavailable(f"{result['unavailable']} (on {where})")
     if completed.returncode != 0 or not isinstance(result, dict):
         detail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
@@ -76,10 +78,10 @@ def measure_in_subprocess(request: Request) -> dict[str, Any]:
     """The worker in a fresh local Python: its own load time and peak memory, nothing left over
     from exporting or from the previous measurement."""
     artifact = str(request.artifact) if request.artifact else None
-    # The worker runs as a script; the torch runtime imports edgevit.models, so this checkout goes
-    # on its path (an editable install whose source moved would otherwise lose it).
+    # `import edgevit` loads nothing heavy, so the worker runs as its module; this checkout goes on
+    # its path (an editable install whose source moved would otherwise lose it).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
-    completed = _run([sys.executable, str(WORKER_FILES[0]), *request.worker_args(artifact)],
+    completed = _run([sys.executable, "-m", worker.__name__, *request.worker_args(artifact)],
                      MEASURE_TIMEOUT_S, f"measuring {request.runtime} in a subprocess", env)
     return _worker_result(completed, "this machine, in a subprocess")
 

@@ -25,7 +25,7 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 
 BASELINE_KIND = "desktop-gpu"
 NO_BASELINE = "no desktop-GPU baseline in these results"
@@ -52,7 +52,7 @@ class Row:
     top1: float | None = None
     source: str = ""
     host: str = ""  # the machine that measured it: its hostname, else the device's name
-    isa: dict[str, Any] | None = None  # its CPU's int8 features (edgevit.host); None: not recorded
+    isa: dict[str, Any] | None = None  # its CPU's int8 features (edgevit.core.host); None: not recorded
 
     label: str = ""  # "#k": the k-th of several runs of the same model, device, runtime and threads
 
@@ -161,7 +161,7 @@ GPU_RUNTIMES = ("onnxruntime-cuda", "onnxruntime-tensorrt", "torch-cuda", "tenso
 
 def isa_warnings(rows: list[Row]) -> list[str]:
     """One line per pair of hosts whose int8 latencies sit side by side though their CPUs run int8
-    differently (VNNI or not, dot product or not: :mod:`edgevit.host`), so the gap may be the
+    differently (VNNI or not, dot product or not: :mod:`edgevit.core.host`), so the gap may be the
     hosts' rather than the models'. A host that did not record its ISA (results from before it
     was recorded, adb) is warned about next to one that did; estimates ran nowhere."""
     hosts: dict[tuple[str, tuple | None], dict[str, Any] | None] = {}

@@ -17,7 +17,7 @@ an estimate, or a skip with its reason) per target.
        {"status": "skipped", "target", "runtime", "reason"}]}
 
 The fingerprint (the measuring machine's hostname, cpu, …) holds ``isa``, its CPU's int8 features
-and kernel class (:func:`edgevit.host.host_isa`; None where the worker ran without ``host.py``).
+and kernel class (:func:`edgevit.core.host.host_isa`; None where the worker ran without ``host.py``).
 Over adb there is no fingerprint, and results written before ``isa`` lack it: reports take all
 of these as an unknown ISA.
 
@@ -31,8 +31,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgevit.datafiles import read_json
-from edgevit.errors import EdgevitError
+from edgevit.core.datafiles import read_json
+from edgevit.core.errors import EdgevitError
 
 SCHEMA = "edgevit-profile/1"
 STATUSES = ("measured", "estimate", "skipped")

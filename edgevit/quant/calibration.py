@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 
 _METADATA_KEY = "edgevit_calibration"
 RANGE_COLUMNS = ("min", "max", "p0.01", "p99.99")
@@ -119,14 +119,9 @@ def load_calibration(path: str | Path, cfg) -> Calibration:
     return Calibration(inputs=inputs.float(), summary=summary | {"stats_file": str(path)}, ranges=ranges)
 
 
-def calibrate(model_name: str, calib_data: str | Path, count: int = 64, seed: int = 0, weights: str | None = None,
-              progress: Callable[..., None] | None = None, warn: Callable[[str], None] | None = None) -> Calibration:
-    """A calibration run for ``model_name``: sample, preprocess, and record the deploy model's ranges."""
-    from edgevit.export.pipeline import load_eval_model
-    from edgevit.models import to_deploy
-
-    model, _report = load_eval_model(model_name, weights)
-    calibration = calibration_from_folder(calib_data, model.cfg, count, seed, progress, warn)
-    calibration.summary["model"] = model.cfg.name
-    calibration.ranges = activation_ranges(to_deploy(model), calibration.inputs)
-    return calibration
+def split_held_out(images: torch.Tensor, verify_batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images to calibrate on, images to verify on): a quarter of the user's sample, at most the
+    recipe's verification batch, is held out, so int8 is judged on images its ranges were not
+    fitted to (the sample is already a fixed-seed random draw). A single image cannot be split."""
+    held = min(verify_batch, max(1, len(images) // 4)) if len(images) > 1 else 0
+    return (images[:len(images) - held], images[len(images) - held:]) if held else (images, None)

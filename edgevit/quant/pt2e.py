@@ -35,8 +35,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from edgevit.errors import EdgevitError
-from edgevit.export.base import quiet
+from edgevit.core.errors import EdgevitError
+from edgevit.core.quiet import quiet
 from edgevit.quant.spec import QuantSpec
 
 QUANTIZER_NAME = "executorch XNNPACKQuantizer (symmetric int8), edgevit node filter"
@@ -456,12 +456,12 @@ def quantize(model: nn.Module, example: torch.Tensor, spec: QuantSpec) -> Quanti
 
 
 def kernel_exactness(graph_module: torch.fx.GraphModule) -> dict[str, Any]:
-    """Which classes of CPU (``edgevit.host.INT8_KERNEL_CLASSES``) run a converted program's int8
+    """Which classes of CPU (``edgevit.core.host.INT8_KERNEL_CLASSES``) run a converted program's int8
     exactly in XNNPACK. Its x86 kernels widen to 16 bits before multiplying (SSE/AVX2/AVX-512) or
     use VNNI; on Arm without dot product its "mlal" GEMMs and "mla8" depthwise convolutions add
     two s8·s8 products in an int16, which wraps only for (-128)·(-128), and the quantizer's
     weights stop at -127. So the program is exact everywhere unless a stored weight is -128."""
-    from edgevit.host import ARM_NO_DOT, INT8_KERNEL_CLASSES
+    from edgevit.core.host import ARM_NO_DOT, INT8_KERNEL_CLASSES
 
     checked, minus_128 = 0, []
     for node in graph_module.graph.nodes:

@@ -1,7 +1,7 @@
 """Quantization-aware training with PT2E: the deploy model (norms decomposed, as XNNPACK takes
 them) is exported with the training batch, ``prepare_qat_pt2e`` inserts fake quantization with
 the same quantizer as static int8 (:mod:`edgevit.quant.pt2e`), the calibration images set its
-ranges (then frozen), :func:`edgevit.train.fine_tune` trains the weights, and ``convert_pt2e`` gives the int8 program.
+ranges (then frozen), :func:`edgevit.training.fine_tune` trains the weights, and ``convert_pt2e`` gives the int8 program.
 
 The training graph has a static batch (the training batch size) and the targets need batch 1, so
 the trained state (weights, fake-quant scales and ranges) is loaded into the same graph exported
@@ -10,7 +10,7 @@ at batch 1 before it is converted. Targets use the result as follows:
 - ExecuTorch lowers ``converted_model`` and Core ML (W8A8) converts it, as they are
   (``QuantSpec.qat_model``);
 - ONNX exports ``converted_model`` with the scales it trained with
-  (:func:`edgevit.quant.onnx_int8.from_pt2e_program`);
+  (:func:`edgevit.targets.onnx.int8.from_pt2e_program`);
 - TensorRT quantizes ``fine_tuned_float_model`` — the deploy model with the fine-tuned float
   weights — statically with the same calibration images: TensorRT takes symmetric activations
   only, and the XNNPACK quantizer's are asymmetric, so its scales are recalibrated, not learned.
@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 from edgevit.models.layers import decompose_norms
 from edgevit.quant import pt2e
 from edgevit.quant.spec import QuantSpec
@@ -54,7 +54,7 @@ def run_qat(
 ) -> QatResult:
     """Fine-tune ``deploy_model`` with fake quantization and convert it; see the module doc.
 
-    ``train_data``: what :func:`edgevit.train.fine_tune` takes (a data set with ``batch()``, or
+    ``train_data``: what :func:`edgevit.training.fine_tune` takes (a data set with ``batch()``, or
     ``(images, labels)`` tensors) with the model's preprocessing. ``calibration`` warms up the
     fake-quant ranges. ``spec`` gives per-channel, float_ops and float_modules (its mode is not
     read). ``eval_data`` (same kinds) adds top-1 figures of the float model before and after and
@@ -62,7 +62,7 @@ def run_qat(
     """
     from torchao.quantization.pt2e import disable_observer, move_exported_model_to_eval, move_exported_model_to_train
 
-    from edgevit.train import fine_tune
+    from edgevit.training import fine_tune
 
     if calibration is None or len(calibration) == 0:
         raise EdgevitError("QAT needs calibration images to start its int8 ranges from: give --calib-data DIR")
@@ -144,7 +144,7 @@ def _evaluate(deploy_model, float_model, converted, calibration, spec, eval_data
     """Top-1 (percent) on ``eval_data``: float before and after QAT; static int8 (PT2E, the same
     calibration) of the model before QAT; the QAT int8 program; and static int8 of the fine-tuned
     float weights, what a target that recalibrates them (TensorRT) gets, with PT2E as its proxy."""
-    from edgevit.train import accuracy
+    from edgevit.training import accuracy
 
     static = spec.with_changes(mode="static", calibration=calibration, qat_model=None)
 

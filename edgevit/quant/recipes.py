@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class FamilyQuantDefaults:
     notes: str = ""
     target_float_ops: dict[str, tuple[str, ...]] = field(default_factory=dict)  # target → float_ops there
     # target → how many of the layers most hurt by pair-safe int8 weights keep full 8-bit weights
-    # (stored as uint8, exact on every CPU, on slower u8·u8 kernels): see edgevit.quant.onnx_int8
+    # (stored as uint8, exact on every CPU, on slower u8·u8 kernels): see edgevit.targets.onnx.int8
     full_range_weights: dict[str, int] = field(default_factory=dict)
 
     def float_ops_for(self, target: str | None) -> tuple[str, ...]:

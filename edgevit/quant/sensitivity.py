@@ -30,7 +30,7 @@ def _fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def pair_safe_fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The ONNX target's pair-safe int8 weights (``edgevit.quant.onnx_int8.pair_safe_weight_ranges``):
+    """The ONNX target's pair-safe int8 weights (``edgevit.targets.onnx.int8.pair_safe_weight_ranges``):
     per output channel, range = the sum of its two largest magnitudes."""
     rows = weight.detach().abs().flatten(1)
     largest = rows.topk(min(2, rows.shape[1]), dim=1).values.sum(1)

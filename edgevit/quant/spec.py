@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from edgevit.core.errors import EdgevitError
 
-from edgevit.errors import EdgevitError
+if TYPE_CHECKING:  # the CLI reads the tables below for --help, which must not load torch
+    import torch
+    from torch import nn
 
 MODES = ("dynamic", "static", "qat")
 METHODS = ("minmax", "percentile", "entropy")  # how activation ranges are chosen from calibration
@@ -28,6 +29,19 @@ METHODS = ("minmax", "percentile", "entropy")  # how activation ranges are chose
 #   attention_matmul    activation × activation products (q·kᵀ, attn·v, MobileViT's context)
 #   pooling             average pooling / token means
 OP_KINDS = ("norm", "softmax", "activation", "residual_add", "attention_bias_add", "attention_matmul", "pooling")
+
+
+def check_choices(mode: Any, method: Any = None, float_ops: Any = (), where: str = "") -> None:
+    """The one check of a quantization mode, range method and float op kinds, for recipes
+    (``where`` names the file) and for the command line and Python API (``where`` empty)."""
+    prefix = f"{where}: [quantization] " if where else ""
+    if mode not in MODES:
+        raise EdgevitError(f"{prefix}mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if method is not None and method not in METHODS:
+        raise EdgevitError(f"{prefix}method must be one of {', '.join(METHODS)}, got {method!r}")
+    unknown = sorted(map(str, set(float_ops or ()) - set(OP_KINDS)))
+    if unknown:
+        raise EdgevitError(f"{prefix}unknown float_ops {', '.join(unknown)} (known: {', '.join(OP_KINDS)})")
 
 
 @dataclass(frozen=True)
@@ -48,13 +62,7 @@ class QuantSpec:
     qat_model: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise EdgevitError(f"unknown quantization mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.method not in METHODS:
-            raise EdgevitError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
-        unknown = set(self.float_ops) - set(OP_KINDS)
-        if unknown:
-            raise EdgevitError(f"unknown float op kinds {', '.join(sorted(unknown))}; known: {', '.join(OP_KINDS)}")
+        check_choices(self.mode, self.method, self.float_ops)
         if self.mode in ("static", "qat") and self.calibration is None:
             raise EdgevitError(f"{self.mode} quantization needs calibration images: give --calib-data DIR or --calib-stats FILE")
 

@@ -14,7 +14,7 @@ from edgevit.data.fashion_mnist import (
     write_image_folder,
 )
 from edgevit.data.images import ImageFolder, Preprocessing
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 from edgevit.models import get_model_cfg
 from tests.data import require_fashion_mnist
 

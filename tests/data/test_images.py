@@ -19,7 +19,7 @@ from edgevit.data.images import (
     preprocess,
     to_rgb,
 )
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 from edgevit.models import get_model_cfg
 
 CFG = Preprocessing(input_size=(3, 32, 32), crop_pct=0.9, interpolation="bicubic",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from edgevit.errors import CheckpointError
+from edgevit.core.errors import CheckpointError
 from edgevit.models import create_model, load_checkpoint, read_state_dict
 from tests.reference_data import (
     REPO_ROOT,

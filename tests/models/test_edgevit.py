@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgevit.errors import EdgevitError
+from edgevit.core.errors import EdgevitError
 from edgevit.models import create_model, to_deploy
 from edgevit.models.edgevit import GlobalSparseAttn, LocalAgg, TokenSpread
 from edgevit.models.layers import DropPath

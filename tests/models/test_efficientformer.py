@@ -3,7 +3,7 @@ tables, the fixed 7×7 attention grid, and the distillation head in its two form
 import pytest
 import torch
 
-from edgevit.errors import CheckpointError, EdgevitError
+from edgevit.core.errors import CheckpointError, EdgevitError
 from edgevit.models import create_model, get_model_cfg, load_checkpoint, to_deploy
 from edgevit.models.efficientformer import detect_format, remap_checkpoint
 from edgevit.models.registry import build_model

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgevit.errors import CheckpointError, EdgevitError
+from edgevit.core.errors import CheckpointError, EdgevitError
 from edgevit.models import create_model, to_deploy
 from edgevit.models.layers import attention_bias_index
 from edgevit.models.levit import Subsample, detect_format

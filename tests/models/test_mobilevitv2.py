@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgevit.errors import CheckpointError
+from edgevit.core.errors import CheckpointError
 from edgevit.models import create_model, load_checkpoint, to_deploy
 from edgevit.models.mobilevitv2 import LinearSelfAttention, detect_format
 from tests.reference_data import (

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from edgevit.cli import app, main
-from edgevit.export.pipeline import export_model
-from edgevit.profile.cli import profile_group
+from edgevit.pipeline.export import ExportRequest, export_model
+from edgevit.cli.profile import profile_group
 
 # Few runs keep the folder fast; the protocol itself (>= 50 runs) is the CLI's default.
 FAST = ["--runs", "10", "--max-warmup", "10"]
@@ -14,7 +14,7 @@ FAST = ["--runs", "10", "--max-warmup", "10"]
 def artifacts_dir(tmp_path_factory):
     """levit_128s exported to ONNX by the real pipeline (the fastest of the four families)."""
     out = tmp_path_factory.mktemp("artifacts")
-    export_model("levit_128s", "onnx", out_dir=out)
+    export_model(ExportRequest("levit_128s", "onnx", out_dir=out))
     return out
 
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from edgevit import host
+from edgevit.core import host
 from tests.profile.conftest import FAST
 
 
@@ -18,7 +18,7 @@ def assert_one_line_error(code, err, *fragments):
 def two_runs(artifacts_dir, tmp_path_factory):
     """host-cpu over onnxruntime at 1 and at 2 threads: two real results files."""
     from edgevit.cli import app, main
-    from edgevit.profile.cli import profile_group
+    from edgevit.cli.profile import profile_group
 
     if "profile" not in app.commands:
         app.add_command(profile_group)
@@ -228,7 +228,7 @@ def test_targets_take_turns_and_repeats_are_pooled(monkeypatch, tmp_path):
     from edgevit.profile.profiles import resolve_profile
 
     manifest = {"artifact": {"sha256": "0" * 64, "bytes": 1}, "recipe": {"name": "r"}, "verification": {"passed": True}}
-    monkeypatch.setattr(profiler, "artifact_for", lambda model, target, *a: (tmp_path / f"m.{target}", manifest))
+    bundles = {target: (tmp_path / f"m.{target}", manifest) for target in ("onnx", "executorch")}
     order, p50 = [], {"onnxruntime": iter([9.0, 5.6, 9.1]), "executorch": iter([10.0, 10.2, 10.1])}
 
     def fake_measure(profile, request, isolate):
@@ -239,7 +239,8 @@ def test_targets_take_turns_and_repeats_are_pooled(monkeypatch, tmp_path):
                 **timing.summarize(20.0, 10, [ms] * request.runs).to_dict()}
 
     monkeypatch.setattr(profiler, "_measure", fake_measure)
-    document = profiler.profile_model("levit_128s", resolve_profile("host-cpu", None), ["onnx", "executorch"], runs=50)
+    document = profiler.profile_model("levit_128s", resolve_profile("host-cpu", None), ["onnx", "executorch"], runs=50,
+                                      bundles=bundles)
     assert order == ["onnxruntime", "executorch"] * 3
     ort, et = document["measurements"]
     assert ort["runs"] == et["runs"] == 51 and len(ort["repeats"]) == 3 and et["peak_rss_mb"] == 106.0

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgevit import host
-from edgevit.errors import EdgevitError
+from edgevit.core import host
+from edgevit.core.errors import EdgevitError
 from edgevit.profile.remote import AdbDevice, Request, SshDevice
 
 

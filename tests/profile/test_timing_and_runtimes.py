@@ -1,14 +1,17 @@
 """The timing protocol and the measuring worker, with real runtimes."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from edgevit import host
-from edgevit.profile import runtimes, timing
-from edgevit.profile.remote import Request, measure_in_subprocess
+from edgevit import runtimes
+from edgevit.core import host
+from edgevit.profile import timing, worker
+from edgevit.profile.remote import WORKER_FILES, Request, measure_in_subprocess
 
 
 def test_protocol_keeps_first_call_apart_and_every_run():
@@ -61,18 +64,20 @@ def test_repeats_pool_and_flag_when_they_disagree():
     assert timing.split_runs(50, 3) == 17 and timing.split_runs(50, 1) == 50
 
 
-def test_cuda_clock_skips_cleanly_without_a_gpu():
+def test_cuda_runtimes_skip_with_the_reason_without_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the skip path cannot be checked here")
     with pytest.raises(runtimes.RuntimeUnavailable, match="no CUDA device"):
-        runtimes.load("torch-cuda", None, 1, model="levit_128s")
+        runtimes.load("torch-cuda", None, threads=1, model="levit_128s")
     with pytest.raises(runtimes.RuntimeUnavailable, match="TensorRT is not installed"):
-        runtimes.load("tensorrt", None, 1)
+        runtimes.load("tensorrt", tmp_path / "levit_128s.engine", threads=1)
+    with pytest.raises(runtimes.RuntimeUnavailable, match="no TensorRT engine: TensorRT is not installed here"):
+        runtimes.load("tensorrt", tmp_path / "levit_128s.onnx")
 
 
 def test_onnxruntime_in_process_records_threads_and_affinity(artifacts_dir):
     artifact = artifacts_dir / "levit_128s-onnx-fp32" / "levit_128s.onnx"
-    result = runtimes.measure_artifact("onnxruntime", artifact, threads=1, runs=10, max_warmup=10)
+    result = worker.measure_artifact("onnxruntime", artifact, threads=1, runs=10, max_warmup=10)
     assert result["threads"] == 1 and result["settings"]["affinity"] and result["free_cores"] == len(result["settings"]["affinity"]) - 1
     assert result["input_shape"] == [1, 3, 224, 224] and len(result["samples_ms"]) == 10
     assert 0 < result["min_ms"] <= result["p50_ms"] <= result["p99_ms"]
@@ -85,13 +90,33 @@ def test_executorch_in_a_fresh_process_reports_peak_memory(tiny_pte):
     assert result["load_ms"] > 0 and result["p50_ms"] > 0
 
 
-def test_worker_script_reports_an_unavailable_runtime(tiny_pte):
-    completed = subprocess.run([sys.executable, runtimes.__file__, "coreml" if sys.platform != "darwin" else "tensorrt",
-                                str(tiny_pte)], capture_output=True, text=True, timeout=120)
-    assert completed.returncode == runtimes.EXIT_UNAVAILABLE
+def test_worker_copied_as_to_a_device_runs_without_edgevit(tiny_pte, tmp_path):
+    """The files an ssh device receives, alone in a folder, with edgevit not importable: the
+    worker runs ExecuTorch there, and reports a runtime the machine lacks as unavailable."""
+    device = tmp_path / "device"
+    device.mkdir()
+    for source in WORKER_FILES:
+        if source.is_dir():
+            shutil.copytree(source, device / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, device)
+    blocker = tmp_path / "blocker" / "edgevit"  # stands in front of the installed edgevit, as on a device without it
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('edgevit is not on this device')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    probe = subprocess.run([sys.executable, "-c", "import edgevit"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert "not on this device" in probe.stderr
+    ran = subprocess.run([sys.executable, str(device / "worker.py"), "executorch", str(tiny_pte), "--runs", "3",
+                          "--threads", "1"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    measured = json.loads(ran.stdout.splitlines()[-1])
+    assert measured["p50_ms"] > 0 and measured["fingerprint"]["isa"] == host.host_isa()
+    completed = subprocess.run([sys.executable, str(device / "worker.py"), "coreml" if sys.platform != "darwin" else "tensorrt",
+                                str(tiny_pte)], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert completed.returncode == worker.EXIT_UNAVAILABLE
     assert "unavailable" in json.loads(completed.stdout.splitlines()[-1])
 
 
 def test_fingerprint_records_the_host_isa():
-    isa = runtimes.fingerprint()["isa"]
+    isa = worker.fingerprint()["isa"]
     assert isa == host.host_isa() and isa["int8_kernels"] == host.int8_kernel_class()

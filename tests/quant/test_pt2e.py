@@ -16,15 +16,16 @@ from torch import nn
 
 pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install -e '.[executorch]')")
 
-from edgevit.errors import EdgevitError  # noqa: E402
-from edgevit.export import coreml, executorch  # noqa: E402
-from edgevit.export.pipeline import collapse_failure, compare_outputs  # noqa: E402
+from edgevit.core.errors import EdgevitError  # noqa: E402
+from edgevit.targets import coreml, executorch  # noqa: E402
+from edgevit.verify import collapse_failure, compare_outputs  # noqa: E402
 from edgevit.models import create_model, get_model_cfg, load_checkpoint, to_deploy  # noqa: E402
 from edgevit.models.layers import mean_tokens  # noqa: E402
 from edgevit.profile.layers import executorch_layers  # noqa: E402
 from edgevit.quant import pt2e  # noqa: E402
 from edgevit.quant.recipes import quant_settings  # noqa: E402
 from edgevit.quant.spec import QuantSpec  # noqa: E402
+from edgevit import runtimes  # noqa: E402
 from tests.reference_data import write_as_published  # noqa: E402
 
 XNNPACK = {"backend": "xnnpack"}
@@ -202,7 +203,7 @@ def test_static_int8_lowers_whole_and_runs_like_the_pt2e_program(tmp_path):
     assert details["quantization"]["pt2e_ops"]["dequantize_per_channel"] == 5  # stem, qkv, proj, fc1, fc2 weights
     batch = torch.randn(5, 3, 16, 16)
     simulated = pt2e.run_graph(pt2e.quantize(model, calibration[:1], spec).graph_module, batch).numpy()
-    got = executorch.load_runner(result.path, XNNPACK)(batch.numpy())
+    got = runtimes.load("executorch", result.path, options=XNNPACK).run(batch.numpy())
     assert compare_outputs(simulated, got)["cosine"] > 0.999  # XNNPACK's int8 kernels = PT2E's numerics
     with torch.no_grad():
         assert compare_outputs(model(batch).numpy(), got)["cosine"] > 0.99
@@ -212,7 +213,7 @@ def test_static_int8_lowers_whole_and_runs_like_the_pt2e_program(tmp_path):
 
 
 def test_a_minus_128_weight_is_named_as_not_exact_on_arm_without_dot_product():
-    from edgevit.host import ARM_NO_DOT
+    from edgevit.core.host import ARM_NO_DOT
 
     model, calibration = _tiny(), torch.randn(8, 3, 16, 16)
     program = pt2e.quantize(model, calibration[:1], _spec(calibration=calibration)).graph_module
@@ -248,7 +249,7 @@ def test_a_pad_between_quantized_ops_loads_in_xnnpack(tmp_path):
     assert result.details["delegated_share"] == 1.0
     with torch.no_grad():
         expected = model(calibration[:1]).numpy()
-    got = executorch.load_runner(result.path, XNNPACK)(calibration[:1].numpy())
+    got = runtimes.load("executorch", result.path, options=XNNPACK).run(calibration[:1].numpy())
     assert compare_outputs(expected, got)["cosine"] > 0.99
 
 
@@ -295,7 +296,7 @@ def test_silu_runs_as_an_int8_sigmoid_and_product_in_xnnpack(tmp_path):
         assert result.details["delegated_share"] == 1.0
         with torch.no_grad():
             expected = model(calibration).numpy()
-        assert compare_outputs(expected, executorch.load_runner(result.path, XNNPACK)(calibration.numpy()))["cosine"] > 0.999
+        assert compare_outputs(expected, runtimes.load("executorch", result.path, options=XNNPACK).run(calibration.numpy()))["cosine"] > 0.999
         ops_by_float_ops[float_ops] = set(executorch_layers(result.path, threads=1, runs=1)["ops"])
     # XNNPACK's own op names (ETDump): its float sigmoid only where SiLU was kept float.
     assert "Sigmoid (NC)" in ops_by_float_ops[("activation",)]
@@ -310,7 +311,7 @@ def test_an_int8_head_collapses_small_logits_and_a_float_head_does_not(tmp_path)
         reference = model(calibration).numpy()
     spec = _spec(calibration=calibration, float_ops=("norm", "softmax"))
     result = executorch.export(model, calibration[:1], "int8", XNNPACK, tmp_path, quant=spec)
-    figures = compare_outputs(reference, executorch.load_runner(result.path, XNNPACK)(calibration.numpy()))
+    figures = compare_outputs(reference, runtimes.load("executorch", result.path, options=XNNPACK).run(calibration.numpy()))
     assert figures["distinct_values"] <= 8 and collapse_failure(reference, figures) is not None, figures
     # With the head in float the logits keep their values (the PT2E program has XNNPACK's numerics,
     # see the test above).
@@ -331,7 +332,7 @@ def test_dynamic_int8_quantizes_linear_weights_and_runs(tmp_path):
     batch = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         expected = model(batch).numpy()
-    assert compare_outputs(expected, executorch.load_runner(result.path, XNNPACK)(batch.numpy()))["cosine"] > 0.99
+    assert compare_outputs(expected, runtimes.load("executorch", result.path, options=XNNPACK).run(batch.numpy()))["cosine"] > 0.99
 
 
 # --------------------------------------------------------------------------- Core ML, small model
@@ -401,7 +402,7 @@ def test_static_int8_of_every_family_is_fully_delegated_and_agrees_with_float(na
     assert details["non_delegated_ops"] == {} and details["non_delegated_int8_ops"] == {}
     with torch.no_grad():
         reference = eval_model(verification).numpy()
-    figures = compare_outputs(reference, executorch.load_runner(result.path, XNNPACK)(verification.numpy()))
+    figures = compare_outputs(reference, runtimes.load("executorch", result.path, options=XNNPACK).run(verification.numpy()))
     min_cosine, min_top1 = STATIC_BOUNDS[name]
     assert figures["cosine"] >= min_cosine and figures["top1_agreement"] >= min_top1, figures
     assert collapse_failure(reference, figures) is None
@@ -433,5 +434,5 @@ def test_dynamic_int8_of_levit_is_fully_delegated_and_agrees_with_float(tmp_path
     assert result.details["quantization"]["pt2e_ops"]["choose_qparams"] == 46  # every linear but the float head
     with torch.no_grad():
         reference = eval_model(verification).numpy()
-    figures = compare_outputs(reference, executorch.load_runner(result.path, XNNPACK)(verification.numpy()))
+    figures = compare_outputs(reference, runtimes.load("executorch", result.path, options=XNNPACK).run(verification.numpy()))
     assert figures["cosine"] >= 0.99, figures

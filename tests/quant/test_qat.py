@@ -14,13 +14,14 @@ from torch import nn
 pytest.importorskip("executorch", reason="the executorch extra is not installed (pip install -e '.[executorch]')")
 
 from edgevit.data.fashion_mnist import data_dir, load_fashion_mnist  # noqa: E402
-from edgevit.errors import EdgevitError  # noqa: E402
-from edgevit.export import coreml, executorch, onnx as onnx_target  # noqa: E402
-from edgevit.export.pipeline import compare_outputs  # noqa: E402
+from edgevit.core.errors import EdgevitError  # noqa: E402
+from edgevit.targets import coreml, executorch, onnx as onnx_target  # noqa: E402
+from edgevit.verify import compare_outputs  # noqa: E402
 from edgevit.quant.pt2e import run_graph  # noqa: E402
 from edgevit.quant.qat import run_qat  # noqa: E402
 from edgevit.quant.spec import QuantSpec  # noqa: E402
-from edgevit.train import fine_tune  # noqa: E402
+from edgevit.training import fine_tune  # noqa: E402
+from edgevit import runtimes  # noqa: E402
 from tests.quant.test_pt2e import COREML, XNNPACK, _TinyViT  # noqa: E402
 
 if not (data_dir() / "train-images-idx3-ubyte.gz").is_file():
@@ -79,7 +80,7 @@ def test_qat_model_lowers_to_a_delegated_pte_that_agrees_with_its_float_model(qa
     assert details["quantization"]["mode"] == "qat" and details["quantization"]["pt2e_ops"]["quantize_per_tensor"] > 0
     with torch.no_grad():
         expected = result.fine_tuned_float_model(images)
-    got = executorch.load_runner(artifact.path, XNNPACK)(images.numpy())
+    got = runtimes.load("executorch", artifact.path, options=XNNPACK).run(images.numpy())
     figures = compare_outputs(expected.numpy(), got)
     # Measured: cosine 0.9998, top-1 agreement 1.0; 38 of 64 right in float and in int8.
     assert figures["cosine"] > 0.99 and figures["top1_agreement"] >= 0.95, figures
@@ -128,7 +129,7 @@ def test_qat_model_exports_to_onnx_with_its_trained_scales(qat_result, tmp_path)
     assert weights and all(w.dtype == np.uint8 for w in weights), [w.dtype for w in weights]
     kernels = onnx_target.int8_exactness(artifact)  # read from the file written
     assert not kernels["not_exact_on"] and kernels["checked_weights"] == len(weights), kernels
-    got = onnx_target.load_runner(artifact.path, options)(images.numpy())
+    got = runtimes.load("onnxruntime", artifact.path, options=options).run(images.numpy())
     figures = compare_outputs(run_graph(spec.qat_model, images).numpy(), got)
     assert figures["cosine"] > 0.995 and figures["top1_agreement"] >= 0.95, figures
 

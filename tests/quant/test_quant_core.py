@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgevit.errors import EdgevitError
-from edgevit.export.pipeline import build_quant_spec, collapse_failure, compare_outputs
-from edgevit.export.recipes import parse_recipe, presets, resolve_recipe
+from edgevit.core.errors import EdgevitError
+from edgevit.pipeline.export import build_quant_spec
+from edgevit.verify import collapse_failure, compare_outputs
+from edgevit.targets.recipes import parse_recipe, presets, resolve_recipe
 from edgevit.models import create_model, get_model_cfg, to_deploy
 from edgevit.quant.calibration import Calibration, activation_ranges, load_calibration, preprocessing_of
 from edgevit.quant.recipes import FAMILY_DEFAULTS
@@ -22,7 +23,7 @@ def _int8_recipe(**quantization):
 
 
 def test_int8_presets_cover_every_mode_their_target_offers():
-    from edgevit.export import TARGETS
+    from edgevit.targets import TARGETS
 
     for target in TARGETS.values():
         if "int8" not in target.precisions:

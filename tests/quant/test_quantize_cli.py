@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgevit.export.pipeline import MANIFEST_NAME
-from edgevit.host import int8_kernel_class
+from edgevit.core.bundle import MANIFEST_NAME
+from edgevit.core.host import int8_kernel_class
 from tests.test_cli import assert_one_line_error, run
 
 MODEL = "levit_128s"
@@ -48,7 +48,7 @@ def test_bad_calibration_folders(capsys, tmp_path, make, fragment):
 @pytest.mark.parametrize("argv, fragment", [
     (["--mode", "static"], "needs calibration images"),
     (["--mode", "qat", "--calib-data", "."], "qat needs labelled training data"),
-    (["--float-ops", "norm,layernorm", "--mode", "dynamic"], "unknown float op kinds layernorm"),
+    (["--float-ops", "norm,layernorm", "--mode", "dynamic"], "unknown float_ops layernorm"),
     (["--max-drop", "-1", "--mode", "dynamic"], "--max-drop must be >= 0"),
     (["--mode", "dynamic", "--recipe", "onnx-fp32"], "quantization needs an int8 recipe"),
     (["--mode", "dynamic", "--target", "executorch", "--recipe", "onnx-int8"], "is for target onnx"),
@@ -61,7 +61,7 @@ def test_bad_quantize_arguments(capsys, tmp_path, argv, fragment):
 
 
 def test_modes_a_target_lacks_are_refused(capsys, tmp_path):
-    from edgevit.export import TARGETS
+    from edgevit.targets import TARGETS
 
     lacking = [(t.name, m) for t in TARGETS.values() for m in ("dynamic", "static", "qat") if m not in t.quant_modes]
     if not lacking:

@@ -1,0 +1,171 @@
+"""The one ONNX graph helper every ONNX-consuming target shares (onnxruntime's int8, TensorRT's
+Q/DQ placement): module names read from node names, producer/consumer look-ups, constants and
+attributes, weight channel axes, and the calibration feed onnxruntime's calibrators read."""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+
+# onnxruntime's calibration method per edgevit range method (edgevit.quant.spec.METHODS)
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+SHAPE_ONLY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # move no data: fusions see through them
+
+
+def module_scopes(module: str) -> list[str]:
+    """The scope components the torchscript exporter writes for ``module``:
+    ``stages.1.0.conv`` → ``["stages", "stages.1", "stages.1.0", "conv"]``."""
+    scopes: list[str] = []
+    for key in module.split("."):
+        scopes.append(f"{scopes[-1]}.{key}" if key.isdigit() and scopes else key)
+    return scopes
+
+
+def node_module(node_name: str) -> str:
+    """The deploy-model module a node was exported from, read from its name
+    (``/stages/stages.0/blocks/blocks.0/attn/qkv/MatMul`` → ``stages.0.blocks.0.attn.qkv``);
+    "" for nodes without a module path (the model's own forward, or added by a tool)."""
+    if not node_name.startswith("/"):
+        return ""
+    scopes = node_name.strip("/").split("/")[:-1]  # the last part names the op
+    keys: list[str] = []
+    for previous, scope in zip([None] + scopes, scopes):
+        keys.append(scope[len(previous) + 1:] if previous and scope.startswith(previous + ".") else scope)
+    return ".".join(keys)
+
+
+def name_nodes_by_module(model) -> None:
+    """Give a dynamo-exported graph torchscript-style node and tensor names built from each
+    node's ``pkg.torch.onnx.name_scopes`` metadata, so module patterns find its nodes (and
+    survive onnxslim, which drops metadata but names fused nodes after their tensors)."""
+    import ast
+
+    graph = model.graph
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    renamed: dict[str, str] = {}
+    counts: collections.Counter = collections.Counter()
+    for node in graph.node:
+        scopes_text = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        try:
+            scopes = ast.literal_eval(scopes_text) if scopes_text else []
+        except (ValueError, SyntaxError):
+            scopes = []
+        module = scopes[-2] if len(scopes) >= 2 else ""
+        prefix = "/" + "/".join(module_scopes(module)) + "/" if module else "/"
+        base = f"{prefix}{node.op_type}"
+        counts[base] += 1
+        node.name = base if counts[base] == 1 else f"{base}_{counts[base] - 1}"
+        for k, output in enumerate(node.output):
+            if output and output not in keep:
+                renamed[output] = f"{node.name}_output_{k}"
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+    for info in graph.value_info:
+        info.name = renamed.get(info.name, info.name)
+
+
+def in_modules(node_name: str, module_names: frozenset[str]) -> bool:
+    """Whether the node belongs to one of ``module_names`` or a module inside one."""
+    module = node_module(node_name)
+    while module:
+        if module in module_names:
+            return True
+        module = module.rpartition(".")[0]
+    return False
+
+
+class OnnxGraph:
+    """Producer/consumer look-ups over an ONNX graph (``model``: a ModelProto)."""
+
+    def __init__(self, model) -> None:
+        graph = model.graph
+        self.nodes = list(graph.node)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants = set(self.initializers) | {o for n in self.nodes if n.op_type == "Constant" for o in n.output}
+        self.outputs = {o.name for o in graph.output}
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = collections.defaultdict(list)
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self._ancestors: dict[str, frozenset[str]] = {}
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.constants
+
+    def dynamic_inputs(self, node) -> list[str]:
+        return [i for i in node.input if i and i not in self.constants]
+
+    def source_op(self, tensor: str, through: tuple[str, ...] = SHAPE_ONLY_OPS):
+        """The node that computes ``tensor``'s values, looking through ``through`` ops."""
+        node = self.producer.get(tensor)
+        while node is not None and node.op_type in through:
+            node = self.producer.get(node.input[0])
+        return node
+
+    def ancestors(self, tensor: str) -> frozenset[str]:
+        """Every tensor ``tensor`` is computed from (itself included)."""
+        cached = self._ancestors.get(tensor)
+        if cached is not None:
+            return cached
+        found = {tensor}
+        stack = [tensor]
+        while stack:
+            node = self.producer.get(stack.pop())
+            if node is None:
+                continue
+            for name in node.input:
+                if name and name not in found:
+                    found.add(name)
+                    stack.append(name)
+        self._ancestors[tensor] = frozenset(found)
+        return self._ancestors[tensor]
+
+
+def attribute(node, name: str, default: Any) -> Any:
+    import onnx
+
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
+def channel_axis(node, ndim: int) -> int:
+    """The output-channel axis of a weighted op's ``ndim``-D weight; the reduction runs over the
+    others."""
+    if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
+        return 0  # (Cout, Cin/g, kh, kw)
+    if node.op_type in ("Gemm", "QGemm"):
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return ndim - 1  # MatMul-like: (…, K, N), per output column N
+
+
+def constant_value(graph, name: str) -> np.ndarray | None:
+    from onnx import numpy_helper
+
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute:
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+class CalibrationReader:
+    """Feeds ``images`` (NCHW float32) to onnxruntime's calibrator in batches of ``batch``."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int) -> None:
+        self._feeds = [{input_name: np.ascontiguousarray(images[i:i + batch])} for i in range(0, len(images), batch)]
+        self._next = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._next, None)
+
+    def rewind(self) -> None:
+        self._next = iter(self._feeds)
+
+
