@@ -111,8 +111,9 @@ def latency_rows(name: str, args, work: Path) -> dict:
     }
     for key, target in (("onnx_int8", "onnx"), ("pte_int8", "executorch")):
         # Random weights: near-uniform logits make cosine a poor judge of int8 here (accuracy is
-        # judged on the trained model above), so latency artifacts are only held to a loose bound.
-        artifacts[key] = same_weights(lambda: quantize_model(QuantizeRequest(name, target, "static", calib_stats=stats, out_dir=work / "lat", tolerances={"min_cosine": 0.5})).export.artifact)
+        # judged on the trained model above), so latency artifacts report fidelity, not enforce it.
+        artifacts[key] = same_weights(lambda: quantize_model(QuantizeRequest(
+            name, target, "static", calib_stats=stats, out_dir=work / "lat", random_weights=True)).export.artifact)
     best = time_interleaved({key: artifact_runner(path) for key, path in artifacts.items()}, args.runs, args.rounds)
     return {key: timing.to_dict() for key, timing in best.items()}
 

@@ -9,13 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgevit.core.errors import EdgevitError
+from edgevit.core.errors import EXIT_VERIFICATION_FAILED, EdgevitError
 
 TOLERANCE_KEYS = ("max_rel_error", "min_cosine", "min_top1_agreement")
 
 
 class VerificationFailed(EdgevitError):
     """The artifact's outputs are outside the recipe's tolerances (nothing was written)."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
 
 
 @dataclass(frozen=True)

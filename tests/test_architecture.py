@@ -55,5 +55,5 @@ print(json.dumps({{"codes": codes, "heavy": sorted({{m.split(".")[0] for m in sy
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     result = json.loads(done.stdout.splitlines()[-1])
-    assert len(result["codes"]) == 11 and set(result["codes"]) == {0}, done.stderr
+    assert len(result["codes"]) > 10 and set(result["codes"]) == {0}, done.stderr
     assert result["heavy"] == []

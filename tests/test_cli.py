@@ -1,5 +1,6 @@
 """The edgevit command: output people read, and bad input as one line with a non-zero exit."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,14 @@ def run(capsys, *argv):
     return code, out, err
 
 
+PROGRESS_LINE = re.compile(r"^\[ *\d+\.\d s\] ")  # off a terminal, long work reports its stages on stderr
+
+
 def assert_one_line_error(code, out, err, *fragments):
     assert code != 0
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("edgevit: error: "), err
+    assert err.strip().splitlines()[-1] == lines[0], err  # the error is the last word
     assert "Traceback" not in err + out
     for fragment in fragments:
         assert fragment in lines[0]
@@ -115,3 +120,30 @@ def test_installed_console_script_runs():
     assert done.stderr.strip().splitlines() == ["edgevit: error: unknown model 'nope'. Run `edgevit list` for the names."]
     done = subprocess.run([sys.executable, "-m", "edgevit", "list", "edgevit_*"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "edgevit_xxs" in done.stdout
+
+
+def test_exit_codes_tell_bad_input_failed_verification_and_missing_runtime_apart(capsys, tmp_path):
+    """2: bad input; 3: the artifact failed verification (nothing written); 4: its runtime is not here."""
+    code, out, err = run(capsys, "export", "levit_128s", "--precision", "fp64")
+    assert code == 2 and "fp64" in err
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "export", "levit_128s", "--min-cosine", "1.5", "--out", str(out_dir))
+    assert_one_line_error(code, out, err, "failed verification", "nothing was written")
+    assert code == 3 and not (out_dir / "levit_128s-onnx-fp32").exists()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the missing-runtime path cannot be shown with TensorRT")
+    code, out, err = run(capsys, "export", "levit_128s", "--target", "tensorrt", "--out", str(out_dir))
+    assert code == 0 and "random weights (no --weights)" in out, err
+    code, out, err = run(capsys, "eval", str(out_dir / "levit_128s-tensorrt-fp16"), "--data", "fashion-mnist")
+    assert_one_line_error(code, out, err, "cannot run levit_128s.onnx here")
+    assert code == 4
+
+
+def test_version_and_help_state_the_exit_codes(capsys):
+    import edgevit
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"edgevit {edgevit.__version__}"
+    for command in ([], ["export"], ["quantize"], ["eval"], ["profile", "measure"]):
+        code, out, _ = run(capsys, *command, "--help")
+        assert code == 0 and "3 verification failed" in " ".join(out.split())

@@ -11,20 +11,24 @@ from typing import Optional
 
 import click
 from rich import box
-from rich.console import Console
 from rich.table import Table
 
+from edgevit.cli import output
 from edgevit.cli.profile import profile_group
-from edgevit.core.errors import EdgevitError
+import edgevit
+from edgevit.core.errors import EXIT_CODES_HELP, EXIT_USAGE, EdgevitError
+from edgevit.core.quiet import drop_known_harmless_notes
 
-console = Console()
+console = output.console()
 
 
-@click.group(name="edgevit", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(name="edgevit", context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(edgevit.__version__, "--version", prog_name="edgevit", message="%(prog)s %(version)s")
 def app() -> None:
     """Mobile vision transformers from PyTorch to devices, verified and measured."""
 
-EXIT_USER_ERROR = 2
+WEIGHTS_HELP = ("Checkpoint: file, URL, hf-hub:org/repo, or 'pretrained' (the model's published weights). "
+                "Default: random weights.")
 
 
 def _print_json(data: object) -> None:
@@ -32,7 +36,7 @@ def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2))
 
 
-@app.command("list")
+@app.command("list", epilog=EXIT_CODES_HELP)
 @click.argument("pattern", default="*")
 @click.option("--family", default=None, help="Only this family.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -69,18 +73,17 @@ def list_command(pattern: str, family: Optional[str], as_json: bool) -> None:
                   "input: native size, + where other sizes also run.")
 
 
-@app.command("info")
+@app.command("info", epilog=EXIT_CODES_HELP)
 @click.argument("model_name", metavar="MODEL")
 @click.option("--weights", "-w", default=None,
               help="Checkpoint to load: file, URL or hf-hub:org/repo (timm's or the authors' keys).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def info_command(model_name: str, weights: Optional[str], as_json: bool) -> None:
     """Show MODEL's config, preprocessing, measured size and per-stage output shapes."""
-    from edgevit.models import create_model, load_checkpoint
     from edgevit.models.summary import count_macs, count_params, stage_shapes
+    from edgevit.training import load_eval_model
 
-    model = create_model(model_name)
-    report = load_checkpoint(model, weights) if weights else None
+    model, report = load_eval_model(model_name, weights)  # a trained checkpoint's classes and input size
     cfg = model.cfg
     shapes = stage_shapes(model)
     measured = {"params": count_params(model), "macs": count_macs(model)}
@@ -161,10 +164,9 @@ def _export_command() -> click.Command:
         spec = TARGETS[chosen_target]
         _check_target_options(spec, given)
         tolerances = {k: v for k, v in (("max_rel_error", max_rel_error), ("min_cosine", min_cosine)) if v is not None}
-        err_console = Console(stderr=True)
-        with err_console.status(f"exporting {model} to {spec.name}") as status:
+        with output.stages(f"exporting {model} to {spec.name}") as report:
             request = ExportRequest(model, chosen_target, precision, weights, out, recipe, given, tolerances, verify)
-            outcome = export_model(request, progress=status.update)
+            outcome = export_model(request, progress=report)
         if as_json:
             _print_json(outcome.manifest)
             return
@@ -177,7 +179,7 @@ def _export_command() -> click.Command:
         click.Option(["--precision", "-p"], default=None,
                      help="; ".join(f"{t.name}: {'|'.join(t.precisions)}" for t in TARGETS.values())
                      + " (first is the default)."),
-        click.Option(["--weights", "-w"], default=None, help="Checkpoint: file, URL or hf-hub:org/repo. Default: random init."),
+        click.Option(["--weights", "-w"], default=None, help=WEIGHTS_HELP),
         click.Option(["--out", "-o"], default="artifacts", show_default=True, help="Output directory."),
         click.Option(["--recipe"], default=None, help="Preset name from export/ or a recipe .toml file."),
         click.Option(["--verify/--no-verify"], default=True, show_default=True,
@@ -189,7 +191,7 @@ def _export_command() -> click.Command:
     ]
     targets = "; ".join(f"{t.name}: {t.description}" for t in TARGETS.values())
     return click.Command(
-        "export", callback=run, params=params,
+        "export", callback=run, params=params, epilog=EXIT_CODES_HELP,
         help=f"Export MODEL to a verified artifact plus manifest.json. Targets — {targets}.",
     )
 
@@ -199,14 +201,40 @@ def _export_summary(outcome) -> str:
     manifest = outcome.manifest
     size = manifest["artifact"]["bytes"] / 1e6
     head = f"{manifest['model']['name']} → {manifest['target']} {manifest['precision']}: {outcome.artifact} ({size:.1f} MB)"
+    if manifest.get("random_weights"):
+        head += " · random weights (no --weights)"
     if v.get("passed") is None:
         return f"{head} · not verified: {v['check']}"
     figures = (f"max rel err {v['max_rel_error']:.2e} · cosine {v['cosine']:.6f} · "
                f"top-1 agreement {v['top1_agreement'] * v['batch']:.0f}/{v['batch']}")
+    if v.get("fidelity") and v["unenforced_failures"]:
+        figures += f" · not enforced (random weights): {'; '.join(v['unenforced_failures'])}"
     return f"{head} · {figures} · {v['check']} · {sum(outcome.seconds.values()):.1f} s"
 
 
-@app.command("calibrate")
+@app.command("data", epilog=EXIT_CODES_HELP)
+@click.argument("dataset", type=click.Choice(["fashion-mnist"]))
+@click.argument("dest")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True)
+@click.option("--per-class", type=click.IntRange(min=1), default=100, show_default=True, help="Images per class.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images (a fixed-seed draw).")
+def data_command(dataset: str, dest: str, split: str, per_class: int, seed: int) -> None:
+    """Write a sample of DATASET as an image folder in DEST (one subfolder per class), to try
+    train, calibrate, quantize --max-drop and eval on. Fashion-MNIST comes from Debian's
+    dataset-fashion-mnist package (see the README's set-up)."""
+    from pathlib import Path
+
+    from edgevit.data.fashion_mnist import write_image_folder
+
+    folder = Path(dest)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise EdgevitError(f"{dest} exists and is not an empty folder; give a new one")
+    written = write_image_folder(split, folder, per_class, seed)
+    classes = len({path.parent for path in written})
+    console.print(f"{dataset} {split}: {len(written)} images of {classes} classes in {folder}/", highlight=False)
+
+
+@app.command("calibrate", epilog=EXIT_CODES_HELP)
 @click.argument("model")
 @click.option("--calib-data", required=True, help="Image folder (flat, or one subfolder per class).")
 @click.option("--images", "count", type=click.IntRange(min=1), default=64, show_default=True,
@@ -220,12 +248,11 @@ def calibrate_command(model, calib_data, count, seed, weights, out, as_json):
     model's activation ranges; `quantize --calib-stats FILE` reuses it for every target."""
     from edgevit.pipeline.quantize import calibrate
 
-    err_console = Console(stderr=True)
     out = out or f"{model}-calibration.safetensors"
-    with err_console.status(f"calibrating {model} on {calib_data}") as status:
+    with output.counter(f"calibrating {model}: images read") as report:
         calibration = calibrate(model, calib_data, count, seed=seed, weights=weights,
-                                progress=lambda done, total, *_: status.update(f"reading images {done}/{total}"),
-                                warn=lambda message: err_console.print(f"warning: {message}"))
+                                progress=lambda done, total, *_: report(done, total),
+                                warn=lambda message: print(f"warning: {message}", file=sys.stderr))
         path = calibration.save(out)
     summary = calibration.summary | {"stats_file": str(path), "layers_recorded": len(calibration.ranges)}
     if as_json:
@@ -249,27 +276,20 @@ def _quantize_command() -> click.Command:
     from edgevit.quant.spec import METHODS, MODES, OP_KINDS
 
     def run(model, mode, target, calib_data, calib_stats, calib_images, method, float_ops, float_modules, max_drop,
-            eval_data, eval_limit, train_data, train_limit, qat_epochs, qat_lr, weights, out, recipe, seed, as_json,
-            **target_options):
+            eval_data, eval_limit, train_data, train_limit, qat_epochs, qat_lr, weights, random_weights, out, recipe, seed,
+            as_json, **target_options):
         from edgevit.pipeline.quantize import QuantizeRequest, quantize_model
 
         given = {name: value for name, value in target_options.items() if value is not None}
         _check_target_options(TARGETS[target], given)
-        err_console = Console(stderr=True)
-        with err_console.status(f"quantizing {model} for {target} ({mode})") as status:
-            def progress(message: str) -> None:
-                if message.startswith(("warning", "  ")):
-                    err_console.print(message, highlight=False)
-                else:
-                    status.update(message)
-
+        with output.stages(f"quantizing {model} for {target} ({mode})") as progress:
             request = QuantizeRequest(
                 model, target, mode, calib_data=calib_data, calib_stats=calib_stats, calib_images=calib_images,
                 seed=seed, weights=weights, out_dir=out, recipe=recipe, options=given, method=method,
                 float_ops=tuple(float_ops.split(",")) if float_ops else None,
                 float_modules=tuple(m for m in (float_modules or "").split(",") if m),
                 max_drop=max_drop, eval_data=eval_data, eval_limit=eval_limit, train_data=train_data,
-                train_limit=train_limit, qat_epochs=qat_epochs, qat_lr=qat_lr)
+                train_limit=train_limit, qat_epochs=qat_epochs, qat_lr=qat_lr, random_weights=random_weights)
             outcome = quantize_model(request, progress)
         if as_json:
             _print_json(outcome.export.manifest)
@@ -305,7 +325,10 @@ def _quantize_command() -> click.Command:
         click.Option(["--train-limit"], type=click.IntRange(min=1), default=None, help="qat: at most this many training images."),
         click.Option(["--qat-epochs"], type=float, default=1.0, show_default=True),
         click.Option(["--qat-lr"], type=float, default=1e-5, show_default=True),
-        click.Option(["--weights", "-w"], default=None, help="Checkpoint: file, URL or hf-hub:org/repo. Default: random init."),
+        click.Option(["--weights", "-w"], default=None, help="Checkpoint: file, URL, hf-hub:org/repo, or 'pretrained' "
+                     "(the model's published weights). Required, unless --random-weights."),
+        click.Option(["--random-weights"], is_flag=True, help="No weights, for latency-only work: verification "
+                     "reports its figures and does not fail on them."),
         click.Option(["--out", "-o"], default="artifacts", show_default=True, help="Output directory."),
         click.Option(["--recipe"], default=None, help="int8 preset from export/ or a recipe .toml file."),
         click.Option(["--seed"], type=int, default=0, show_default=True, help="Calibration sample seed."),
@@ -313,20 +336,10 @@ def _quantize_command() -> click.Command:
         *_target_option_params(),
     ]
     return click.Command(
-        "quantize", callback=run, params=params,
+        "quantize", callback=run, params=params, epilog=EXIT_CODES_HELP,
         help="Quantize MODEL to a verified int8 artifact (checked against float32, collapse guarded) plus manifest.json.",
     )
 
-
-
-def _progress_bar(description: str):
-    """A transient progress bar on stderr; returns (context manager, callback(done, total))."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True)
-    task = bar.add_task(description, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _write_json_file(path: str, data: object) -> None:
@@ -347,7 +360,7 @@ def _figures_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return table
 
 
-@app.command("eval")
+@app.command("eval", epilog=EXIT_CODES_HELP)
 @click.argument("subject", metavar="MODEL|ARTIFACT")
 @click.option("--data", "-d", required=True,
               help="A folder with one subfolder per class, or fashion-mnist (its test split).")
@@ -362,8 +375,7 @@ def eval_command(subject, data, weights, limit, batch_size, seed, json_path):
     class names when both are known, else by sorted index."""
     from edgevit.pipeline.evaluate import evaluate
 
-    bar, progress = _progress_bar("evaluating")
-    with bar:
+    with output.counter("evaluating: images") as progress:
         result = evaluate(subject, data, weights=weights, limit=limit, batch_size=batch_size, seed=seed,
                           progress=progress)
     if json_path:
@@ -380,9 +392,11 @@ def eval_command(subject, data, weights, limit, batch_size, seed, json_path):
     console.print(_figures_table(f"accuracy of {result['model']}", rows))
     for name in result["skipped"]["files"]:
         console.print(f"skipped: {name}", highlight=False)
+    for warning in result["warnings"]:
+        print(f"edgevit: warning: {warning}", file=sys.stderr)
 
 
-@app.command("train")
+@app.command("train", epilog=EXIT_CODES_HELP)
 @click.argument("model_name", metavar="MODEL")
 @click.option("--data", "-d", required=True, help="fashion-mnist, or a folder with one subfolder per class.")
 @click.option("--out", "-o", required=True, help="Where to write the trained weights (.safetensors).")
@@ -443,19 +457,20 @@ app.add_command(profile_group)
 
 
 def main(argv: list[str] | None = None) -> int:
+    drop_known_harmless_notes()
     command = app
     try:
         result = command.main(args=argv, prog_name="edgevit", standalone_mode=False)
     except EdgevitError as exc:
         print(f"edgevit: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
     except click.exceptions.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help())
         return 0
     except click.UsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         print(f"edgevit: error: {exc.format_message()}{hint}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_USAGE
     except click.exceptions.Exit as exc:  # --help
         return exc.exit_code
     except click.Abort:

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import click
-from rich.console import Console
 
-from edgevit.core.errors import EdgevitError
+from edgevit.cli import output
+from edgevit.core.errors import EXIT_CODES_HELP, EdgevitError
 
-console = Console()
+console = output.console()
 
 
 class _DefaultToMeasure(click.Group):
@@ -33,12 +33,13 @@ def profile_group() -> None:
     results files (`edgevit profile report RUN.json …`)."""
 
 
-@profile_group.command("measure")
+@profile_group.command("measure", epilog=EXIT_CODES_HELP)
 @click.argument("model")
 @click.option("--device", "-d", default=None, help="A device profile from profiles/ (e.g. host-cpu).")
 @click.option("--profile", "profile_file", default=None, help="Your own device profile (.toml) instead.")
 @click.option("--targets", "-t", default=None, help="Comma-separated targets (default: every target the device runs).")
-@click.option("--precision", "-p", default="fp32", show_default=True)
+@click.option("--precision", "-p", default=None, help="fp32, fp16 or int8 (default: the device's own, e.g. fp16 on "
+              "Core ML phones, fp32 on CPUs).")
 @click.option("--runs", default=50, show_default=True, help="Timed runs after the warm-up (at least 50 for reported figures).")
 @click.option("--max-warmup", default=100, show_default=True, help="Most warm-up runs before timing starts anyway.")
 @click.option("--repeats", default=3, show_default=True,
@@ -64,11 +65,12 @@ def measure_command(model: str, device: Optional[str], profile_file: Optional[st
     if runs < 1 or repeats < 1 or max_warmup < 0 or batch < 1 or (threads is not None and threads < 1):
         raise EdgevitError("--runs, --repeats, --batch and --threads must be positive and --max-warmup >= 0")
     device_profile = resolve_profile(device, profile_file)
+    precision = precision or device_profile.precision
     chosen = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None
     request = ProfileRequest(model, device_profile, chosen, precision, runs, max_warmup, repeats, threads, batch, isolate,
                              estimate, with_layers, Path(artifacts))
-    with Console(stderr=True).status(f"profiling {model} on {device_profile.name}") as status:
-        document = profile(request, progress=status.update)
+    with output.stages(f"profiling {model} on {device_profile.name}") as report:
+        document = profile(request, progress=report)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = results.save(document, Path(save or f"profile-results/{model}-{device_profile.name}-{precision}-{stamp}.json"))
     console.print(measurement_table(document))
@@ -78,7 +80,7 @@ def measure_command(model: str, device: Optional[str], profile_file: Optional[st
     console.print(f"results: {path}", highlight=False)
 
 
-@profile_group.command("report")
+@profile_group.command("report", epilog=EXIT_CODES_HELP)
 @click.argument("results_files", nargs=-1, required=True, metavar="RUN.json…")
 @click.option("--markdown", default=None, help="Also write the table as Markdown to this file.")
 @click.option("--json", "json_file", default=None, help="Also write the rows as JSON to this file.")

@@ -12,6 +12,7 @@ import hashlib
 import os
 import pickle
 import re
+import socket
 import tempfile
 import urllib.error
 import urllib.parse
@@ -68,27 +69,59 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
 
 def _from_hub(spec: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     repo_id, _, revision = spec.partition("@")
     if repo_id.count("/") != 1:
         raise CheckpointError(f"hf-hub id must look like hf-hub:org/repo[@revision], got hf-hub:{spec}")
+    # Without a network, huggingface_hub retries each file for ~25 s, printing a line per retry:
+    # one short connection attempt decides instead, and the local cache answers alone.
+    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _unreachable(constants.ENDPOINT)
     last_error: Exception | None = None
     for filename in _HUB_FILENAMES:
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+            return Path(hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=bool(offline)))
         except EntryNotFoundError as exc:
             last_error = exc
         except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
             last_error = exc
-            if not isinstance(exc, HfHubHTTPError) or getattr(exc.response, "status_code", 0) != 404:
+            if not offline and (not isinstance(exc, HfHubHTTPError) or getattr(exc.response, "status_code", 0) != 404):
                 break
+    if offline:
+        raise CheckpointError(f"hf-hub:{spec} is not in the local Hugging Face cache and the Hub is out of reach "
+                              f"({offline}); download its weights where there is a network and pass the file")
     reason = str(last_error).splitlines()[0] if last_error else "no weights file"
     raise CheckpointError(
         f"could not get {' or '.join(_HUB_FILENAMES)} of hf-hub:{spec} ({reason}); "
         "check the id, or download the file and pass its path"
     )
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why ``endpoint`` cannot be reached (None: a TCP connection opened within ``timeout`` s)."""
+    parsed = urllib.parse.urlparse(endpoint)
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+PRETRAINED = "pretrained"  # a checkpoint source naming the model's published weights
+
+
+def checkpoint_source(source: str | os.PathLike, cfg) -> str | os.PathLike:
+    """``source``, or for "pretrained" (when no such file exists) the model's published weights:
+    its timm Hub id, else the authors' URL."""
+    if str(source) != PRETRAINED or Path(source).exists():
+        return source
+    published = cfg.hf_hub_id or cfg.url
+    if not published:
+        raise CheckpointError(f"{cfg.name} has no published weights (its authors released none); "
+                              "pass a checkpoint file with --weights")
+    return published
 
 
 def _from_url(url: str) -> Path:
@@ -200,14 +233,15 @@ def _unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(model: nn.Module, source: str | os.PathLike, strict: bool = True) -> LoadReport:
-    """Load ``source`` into ``model`` (an edgevit model), remapping the authors' key formats.
+    """Load ``source`` into ``model`` (an edgevit model), remapping the authors' key formats;
+    "pretrained" names the model's published weights.
 
     Strict by default: any missing or unexpected key, or any shape mismatch, raises a
     :class:`CheckpointError` naming them. A classifier for another number of classes is not a
     mismatch: it is dropped (the model keeps its own, freshly initialised) and reported.
     """
     cfg = model.cfg
-    path = resolve_checkpoint(source)
+    path = resolve_checkpoint(checkpoint_source(source, cfg))
     source_dict = read_state_dict(path)
     family = get_family(cfg.family)
     key_format = family.detect_format(source_dict.keys())

@@ -25,7 +25,7 @@ import torch
 
 from edgevit.data.fashion_mnist import FASHION_MNIST_CLASSES
 from edgevit.data.images import Preprocessing, labelled_folder
-from edgevit.core.errors import EdgevitError, UnknownModelError
+from edgevit.core.errors import EdgevitError, MissingBackend, UnknownModelError
 
 FASHION_MNIST = "fashion-mnist"
 KNOWN_LABEL_SETS: dict[str, Sequence[str]] = {FASHION_MNIST: FASHION_MNIST_CLASSES}
@@ -73,7 +73,9 @@ def _model_subject(name: str, weights: str | None) -> Subject:
         raise UnknownModelError(f"{exc} (and there is no file or folder {name!r})") from None
     weights_record = None if report is None else {"source": str(weights), "sha256": report.sha256,
                                                   "messages": report.messages}
-    return _module_subject(model, model.cfg, model.class_names, weights_record)
+    subject = _module_subject(model, model.cfg, model.class_names, weights_record)
+    subject.details["random_weights"] = report is None
+    return subject
 
 
 def _module_subject(model: torch.nn.Module, cfg, class_names, weights_record) -> Subject:
@@ -121,14 +123,14 @@ def _artifact_subject(path: Path) -> Subject:
     try:
         runner = runtimes.load(spec.runs_in, artifact, options=options).run
     except runtimes.RuntimeUnavailable as reason:
-        raise EdgevitError(f"cannot run {artifact.name} here: {reason}; evaluate it where {spec.runtime} runs") from None
+        raise MissingBackend(f"cannot run {artifact.name} here: {reason}; evaluate it where {spec.runtime} runs") from None
     labels = output.get("labels")
     class_names = output.get("class_names") or KNOWN_LABEL_SETS.get(labels or "")
     return Subject(
         name=str(bundle), kind="artifact", run=runner, preprocessing=preprocessing, num_classes=num_classes,
         class_names=class_names,
         details={"model": model_name, "target": target, "precision": manifest.get("precision"),
-                 "runtime": spec.runtime, "artifact": str(artifact),
+                 "runtime": spec.runtime, "artifact": str(artifact), "random_weights": bool(manifest.get("random_weights")),
                  "artifact_sha256": (manifest.get("artifact") or {}).get("sha256")},
     )
 
@@ -149,6 +151,24 @@ def map_labels(data_classes: Sequence[str], num_classes: int, model_classes: Seq
         raise EdgevitError(f"the data has {len(data_classes)} classes but the model only {num_classes} outputs, "
                            "and the class names do not match the model's")
     return list(range(len(data_classes))), "by index"
+
+
+def class_warnings(data_classes: Sequence[str], num_classes: int, model_classes: Sequence[str] | None,
+                   matched: str) -> list[str]:
+    """Why the figures may mean little: classes matched by position between a model and data
+    that do not share them (e.g. a 1000-class ImageNet head scored on 3 folders)."""
+    if matched == "by name":
+        return []
+    if model_classes:
+        missing = [c for c in data_classes if normalise_class_name(c) not in {normalise_class_name(m) for m in model_classes}]
+        return [f"{len(missing)} of the data's {len(data_classes)} classes ({', '.join(missing[:3])}"
+                f"{', …' if len(missing) > 3 else ''}) are not among the model's class names: classes were matched "
+                f"by sorted index, which is only right if the model was trained on these folders in this order"]
+    if num_classes != len(data_classes):
+        return [f"the model has {num_classes} outputs and the data {len(data_classes)} classes, with no class names to "
+                f"match: the data's classes were mapped to the first {len(data_classes)} outputs, so top-1 measures "
+                f"little (train on this data with `edgevit train`, or evaluate data with the model's own classes)"]
+    return []
 
 
 def _batches(data: str, prep: Preprocessing, batch_size: int, limit: int | None, seed: int,
@@ -199,6 +219,9 @@ def evaluate(
     batches, data_classes, description, total, skipped = _batches(
         str(data), loaded.preprocessing, batch_size, limit, seed, progress)
     mapping, matched = map_labels(data_classes, loaded.num_classes, loaded.class_names)
+    warnings = class_warnings(data_classes, loaded.num_classes, loaded.class_names, matched)
+    if loaded.details.get("random_weights"):
+        warnings.insert(0, "random weights (no --weights when it was built): the figures are chance level")
     to_output = torch.tensor(mapping, dtype=torch.int64)
     k = 5 if loaded.num_classes >= 5 else None
     top1 = top5 = seen = 0
@@ -220,7 +243,7 @@ def evaluate(
         "subject": loaded.name if isinstance(subject, torch.nn.Module) else str(subject), "kind": loaded.kind, **loaded.details,
         "data": description, "images": seen, "requested": total,
         "skipped": {"count": len(skipped), "files": [f"{n} ({r})" for n, r in skipped[:_SHOWN_SKIPPED]]},
-        "classes": len(data_classes), "labels_matched": matched,
+        "classes": len(data_classes), "labels_matched": matched, "warnings": warnings,
         "top1": round(100.0 * top1 / seen, 2), "top5": round(100.0 * top5 / seen, 2) if k else None,
         "seconds": round(seconds, 2), "images_per_second": round(seen / seconds, 1) if seconds > 0 else None,
         "preprocessing": loaded.preprocessing.to_dict() if data != FASHION_MNIST else

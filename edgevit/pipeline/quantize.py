@@ -51,6 +51,7 @@ class QuantizeRequest:
     qat_epochs: float = 1.0
     qat_lr: float = 1e-5
     qat_result: QatResult | None = None  # a finished QAT run, to export the same QAT to another target
+    random_weights: bool = False  # latency-only work: no weights, fidelity reported but not enforced
 
 
 @dataclass
@@ -93,6 +94,10 @@ def quantize_model(request: QuantizeRequest, progress: Progress | None = None) -
         raise EdgevitError("qat needs labelled training data: give --train-data fashion-mnist or a folder with one subfolder per class")
     if max_drop is not None and max_drop < 0:
         raise EdgevitError(f"--max-drop must be >= 0 top-1 points, got {max_drop}")
+    if not request.weights and not request.random_weights and request.qat_result is None:
+        raise EdgevitError("int8 of random weights is not meaningful (its ranges and its check against float would "
+                           "describe noise): give --weights FILE (or --weights pretrained), or --random-weights for "
+                           "latency-only work, where the figures are reported and not enforced")
     eval_model, _report = load_eval_model(model, request.weights)
     cfg = eval_model.cfg
 
@@ -109,7 +114,7 @@ def quantize_model(request: QuantizeRequest, progress: Progress | None = None) -
     outcome = QuantizeOutcome(export=None, calibration=calibration)
     base = ExportRequest(model, target=chosen.target, weights=request.weights, out_dir=request.out_dir, recipe=chosen,
                          options=request.options, tolerances=request.tolerances, mode=mode, calibration=calibration,
-                         extra_float_modules=float_modules)
+                         extra_float_modules=float_modules, enforce_fidelity=not request.random_weights)
 
     if mode == "qat":
         spec = build_quant_spec(cfg, chosen, calibration, float_modules)

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable
 
-from edgevit.core.errors import EdgevitError
+from edgevit.core.errors import EdgevitError, MissingBackend
 from edgevit import runtimes
 from edgevit.profile import estimate, layers, remote, results, timing, worker
 from edgevit.profile.profiles import DeviceProfile
@@ -77,7 +77,7 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
         document["layer_estimate_ms"] = estimate.estimate(model, profile, precision, batch)["layers_ms"]
     if not any(m["status"] != "skipped" for m in document["measurements"]):
         reasons = "; ".join(f"{m['runtime']}: {m['reason']}" for m in document["measurements"])
-        raise EdgevitError(f"nothing could be measured on {profile.name} here ({reasons}); "
+        raise MissingBackend(f"nothing could be measured on {profile.name} here ({reasons}); "
                            f"--estimate gives a roofline estimate instead")
     return document
 

@@ -37,7 +37,8 @@ REACH_METHODS = {  # method → the keys it takes (the first ones it requires)
     "ssh": (("host",), ("port", "identity", "python", "workdir", "connect_timeout", "options")),
     "adb": ((), ("serial", "runner", "workdir", "adb")),  # no serial: the one device attached
 }
-_TOP_KEYS = {"name", "kind", "description", "threads", "runtimes", "reach", "peak"}
+_TOP_KEYS = {"name", "kind", "description", "threads", "precision", "runtimes", "reach", "peak"}
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class DeviceProfile:
     kind: str
     description: str
     threads: int
+    precision: str  # what its runtimes run natively: `edgevit profile`'s default --precision
     runtimes: dict[str, str]  # target → runtime
     reach: dict[str, Any]
     peak_flops: dict[str, PeakFigure]  # precision → FLOP/s
@@ -91,6 +93,9 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
     threads = data.get("threads", 0)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         fail("'threads' must be a whole number >= 0 (0: every core)")
+    precision = data.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        fail(f"'precision' must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
     runtimes = data.get("runtimes")
     if not isinstance(runtimes, dict) or not runtimes:
@@ -125,7 +130,7 @@ def parse_profile(data: dict[str, Any], source: str) -> DeviceProfile:
              "for its estimates")
     return DeviceProfile(
         name=data["name"], kind=data["kind"], description=str(data.get("description", "")), threads=threads,
-        runtimes=dict(runtimes), reach=dict(reach), peak_flops=flops, memory_bandwidth=bandwidth,
+        precision=precision, runtimes=dict(runtimes), reach=dict(reach), peak_flops=flops, memory_bandwidth=bandwidth,
         source=source, raw=data,
     )
 

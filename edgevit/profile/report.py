@@ -242,16 +242,23 @@ def plot(rows: list[Row], note: str | None, path: Path) -> Path:
             x = position - 0.4 + width * (index + 0.5)
             bars.bar(x, row.p50_ms, width, color=colours[index % len(colours)], hatch=_hatch(row),
                      edgecolor="black", linewidth=0.5)
-            marks = [f"×{row.ratio_to_baseline:.1f}" + (" est." if row.ratio_note else "")] if row.ratio_to_baseline is not None else []
+            marks = [f"{row.p50_ms:.3g} ms"]
+            marks += [f"×{row.ratio_to_baseline:.1f}" + (" est." if row.ratio_note else "")] if row.ratio_to_baseline is not None else []
             marks += ["estimate"] if row.status == "estimate" else ["noisy"] if row.noisy else []
-            if marks:
-                bars.annotate("\n".join(marks), (x, row.p50_ms), ha="center", va="bottom", fontsize=7,
-                              color="firebrick" if row.noisy else "black")
+            bars.annotate("\n".join(marks), (x, row.p50_ms), ha="center", va="bottom", fontsize=7,
+                          color="firebrick" if row.noisy else "black")
+    # Log scale: one slow runtime (torch eager at ~900 ms) beside ~10 ms artifacts and sub-ms GPU
+    # estimates would otherwise flatten every other bar.
+    bars.set_yscale("log")
+    shown = [row.p50_ms for row in cells.values() if row.p50_ms]
+    if shown:
+        bars.set_ylim(min(shown) / 2, max(shown) * 6)  # room above the tallest bar for its labels
     bars.set_xticks(range(len(models)), models, rotation=15)
-    bars.set_ylabel("p50 latency, batch 1 (ms)")
-    bars.set_title("\n".join(textwrap.wrap("hatched //: roofline estimate, not a measurement; hatched xx: noisy "
-                                           "measurement (another run need not agree; see the table's reasons); "
-                                           "×N: times the desktop GPU's p50. " + (note or ""), 90)), fontsize=8)
+    bars.set_ylabel("p50 latency, batch 1 (ms, log scale)")
+    bars.set_title("p50 latency by model and device/runtime", fontsize=10)
+    figure.text(0.01, 0.01, "\n".join(textwrap.wrap(
+        "//: roofline estimate, not a measurement; xx: noisy measurement (another run need not agree; see the "
+        "table's reasons); ×N: times the desktop GPU's p50. " + (note or ""), 150)), fontsize=7, va="bottom")
     from matplotlib.patches import Patch
 
     # Plain swatches for the columns (a bar's own may be hatched), then what each hatch means.
@@ -271,11 +278,12 @@ def plot(rows: list[Row], note: str | None, path: Path) -> Path:
                 scatter.scatter([p[0] for p in points], [p[1] for p in points], color=colours[index % len(colours)], label=column)
                 for ms, top1, model in points:
                     scatter.annotate(model, (ms, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        scatter.set_xlabel("p50 latency (ms)")
+        scatter.set_xscale("log")
+        scatter.set_xlabel("p50 latency (ms, log scale)")
         scatter.set_ylabel("top-1 (%)")
         scatter.set_title("accuracy vs latency", fontsize=9)
         scatter.grid(alpha=0.3)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.08, 1, 1))  # room for the caption below the axes
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgevit.core.errors import EdgevitError
+from edgevit.core.errors import MissingBackend
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class TargetSpec:
     def implementation(self) -> ModuleType:
         missing = self.missing_packages()
         if missing:
-            raise EdgevitError(
+            raise MissingBackend(
                 f"target {self.name} needs {', '.join(missing)}: "
                 f"install it with  pip install -c constraints.txt -e \".[{self.extra}]\""
             )

@@ -251,6 +251,7 @@ def fine_tune(
         seconds = time.perf_counter() - start
     finally:
         reporter.close()
+    norm_images = reestimate_batchnorm(model, train_data, seed=seed)
     eval_mode(model)
     tail = max(1, min(20, total // 10))  # the final loss is the mean over the last steps
     final_loss = _mean_across_processes(sum(losses[-tail:]) / len(losses[-tail:]), context)
@@ -260,12 +261,51 @@ def fine_tune(
         "warmup_steps": warmup, "label_smoothing": label_smoothing, "seed": seed,
         "first_loss": _mean_across_processes(losses[0], context), "final_loss": final_loss,
         "seconds": round(seconds, 2), "images_per_second": round(total * global_batch / seconds, 1),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "batchnorm_statistics_images": norm_images,
     }
     if eval_data is not None:
         figures.update(accuracy(model, eval_data, batch_size=eval_batch_size or batch_size))
     torch.set_num_threads(threads_before)
     return figures
+
+
+BATCHNORM_IMAGES = 4096  # images whose statistics replace the running averages after training
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, data, *, seed: int = 0, limit: int = BATCHNORM_IMAGES,
+                         batch_size: int = 64) -> int:
+    """Recompute every BatchNorm's running mean and variance for the final weights, over up to
+    ``limit`` fixed-seed training images (the same ones in every DDP process); returns how many.
+
+    Training keeps an exponential average (momentum 0.1) of batch statistics taken while the
+    weights were still changing; after a short fine-tune that average fits no version of them,
+    and eval mode computes with it. Measured: MobileViT v2 0.5, 30 steps on 12 Fashion-MNIST
+    images of 3 classes, train loss 0.25, top-1 on those very images 33 % in eval mode and 100 %
+    once the statistics are recomputed (batch statistics, i.e. train mode, also gave 100 %)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    length, fetch = _fetcher(data)
+    chosen = torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    model.eval()  # dropout and drop-path off: the statistics of the eval-mode activations
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches below
+        norm.train()
+    try:
+        for start in range(0, len(chosen), batch_size):
+            indices = chosen[start:start + batch_size]
+            if len(indices) < 2 and start > 0:
+                break  # BatchNorm1d cannot take a batch of one; the images before it suffice
+            model(fetch(indices)[0])
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+    return len(chosen)
 
 
 def _mean_across_processes(value: float, context: DistributedContext) -> float:
@@ -418,11 +458,12 @@ def trained_overrides(path: str | os.PathLike) -> dict[str, Any]:
 def load_eval_model(name: str, weights: str | None):
     """The eval model, built with the classes / input size a trained checkpoint records (see
     ``edgevit train``), then loaded; returns (model, checkpoint report or None); ``model.cfg``
-    is the effective config and ``model.class_names`` the recorded class names (or None)."""
-    from edgevit.models import create_model, load_checkpoint
-    from edgevit.models.checkpoints import resolve_checkpoint
+    is the effective config and ``model.class_names`` the recorded class names (or None).
+    ``weights`` "pretrained": the model's published weights (its Hub id, else the authors' URL)."""
+    from edgevit.models import create_model, get_model_cfg, load_checkpoint
+    from edgevit.models.checkpoints import checkpoint_source, resolve_checkpoint
 
-    local = resolve_checkpoint(weights) if weights else None
+    local = resolve_checkpoint(checkpoint_source(weights, get_model_cfg(name))) if weights else None
     model = create_model(name, **(trained_overrides(local) if local else {}))
     report = load_checkpoint(model, local) if local else None
     model.class_names = trained_metadata(local).get("class_names") if local else None

@@ -20,6 +20,7 @@ from edgevit.runtimes.onnxruntime import build_session
 from edgevit.core.bundle import MANIFEST_NAME
 from edgevit.pipeline.export import ExportRequest, export_model
 from edgevit.verify import VerificationFailed
+from tests.test_cli import assert_one_line_error
 from tests.reference_data import REPO_ROOT, max_relative_error, reference_expected, reference_input, write_as_published
 
 SMALLEST = ["mobilevitv2_050", "efficientformer_l1", "levit_128s", "edgevit_xxs"]
@@ -49,7 +50,7 @@ def test_manifest_records_source_preprocessing_precision_and_error(tmp_path):
     manifest = json.loads((outcome.bundle / MANIFEST_NAME).read_text())
     assert manifest["model"]["name"] == "efficientformer_l1"
     assert manifest["checkpoint"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert manifest["checkpoint"]["key_format"] == "snap"
+    assert manifest["checkpoint"]["key_format"] == "snap" and manifest["random_weights"] is False
     assert manifest["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     assert manifest["precision"] == "fp32" and manifest["recipe"]["name"] == "onnx-fp32"
     assert manifest["artifact"]["sha256"] == hashlib.sha256(outcome.artifact.read_bytes()).hexdigest()
@@ -143,7 +144,8 @@ def _cli(capsys, *argv):
 def test_cli_bad_input_is_one_line_and_writes_nothing(argv, message, capsys, tmp_path):
     out = tmp_path / "out"
     code, stdout, err = _cli(capsys, "export", "levit_128s", "--out", str(out), *argv)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+    assert_one_line_error(code, stdout, err, message)
+    assert code == 2
     assert _leftovers(out) == []
 
 
@@ -151,7 +153,8 @@ def test_cli_unwritable_output_directory(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     code, _, err = _cli(capsys, "export", "levit_128s", "--out", str(blocker / "out"))
-    assert code == 2 and "cannot write to output directory" in err and len(err.strip().splitlines()) == 1
+    assert_one_line_error(code, "", err, "cannot write to output directory")
+    assert code == 2
 
 
 def test_cli_recipe_file_and_one_line_result(capsys, tmp_path):

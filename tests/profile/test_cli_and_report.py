@@ -5,13 +5,11 @@ import pytest
 
 from edgevit.core import host
 from tests.profile.conftest import FAST
+from tests.test_cli import assert_one_line_error as assert_cli_error
 
 
 def assert_one_line_error(code, err, *fragments):
-    lines = err.strip().splitlines()
-    assert code != 0 and len(lines) == 1 and lines[0].startswith("edgevit: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    assert_cli_error(code, "", err, *fragments)
 
 
 @pytest.fixture(scope="module")

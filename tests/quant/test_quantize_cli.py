@@ -39,7 +39,8 @@ def _nothing_written(out):
 def test_bad_calibration_folders(capsys, tmp_path, make, fragment):
     folder = make(tmp_path)
     out = tmp_path / "out"
-    code, stdout, err = run(capsys, "quantize", MODEL, "--target", "onnx", "--calib-data", str(folder), "--out", str(out))
+    code, stdout, err = run(capsys, "quantize", MODEL, "--target", "onnx", "--calib-data", str(folder), "--out", str(out),
+                            "--random-weights")
     assert_one_line_error(code, stdout, err)
     assert fragment in err.lower()
     assert _nothing_written(out)
@@ -52,6 +53,7 @@ def test_bad_calibration_folders(capsys, tmp_path, make, fragment):
     (["--max-drop", "-1", "--mode", "dynamic"], "--max-drop must be >= 0"),
     (["--mode", "dynamic", "--recipe", "onnx-fp32"], "quantization needs an int8 recipe"),
     (["--mode", "dynamic", "--target", "executorch", "--recipe", "onnx-int8"], "is for target onnx"),
+    (["--mode", "dynamic"], "int8 of random weights is not meaningful"),
 ])
 def test_bad_quantize_arguments(capsys, tmp_path, argv, fragment):
     out = tmp_path / "out"
@@ -82,7 +84,7 @@ def test_calibrate_once_quantize_from_stats_with_fewer_images_than_asked(capsys,
 
     out = tmp_path / "out"
     code, stdout, err = run(capsys, "quantize", MODEL, "--target", "onnx", "--calib-stats", str(stats),
-                            "--out", str(out), "--json")
+                            "--out", str(out), "--json", "--random-weights")
     assert code == 0, err
     manifest = json.loads(stdout)
     quantization = manifest["quantization"]
@@ -92,6 +94,8 @@ def test_calibrate_once_quantize_from_stats_with_fewer_images_than_asked(capsys,
     # A quarter of the sample (at least one image) is held out: calibrated on 5, verified on 1,
     # and the figures on the images calibration saw are recorded beside.
     verification = manifest["verification"]
+    assert manifest["random_weights"] is True and verification["fidelity"] == "reported, not enforced (random weights)"
+    assert "random weights (no --weights)" not in stdout  # --json prints the manifest only
     assert quantization["calibration"]["calibrated_on"] == 5 and quantization["calibration"]["held_out_for_verification"] == 1
     assert verification["passed"] is True and verification["batch"] == 1
     assert verification["images"] == "held out from calibration" and verification["calibration_images"]["batch"] == 5

@@ -19,6 +19,7 @@ from edgevit.core.errors import EdgevitError  # noqa: E402
 from edgevit.targets import TARGETS  # noqa: E402
 from edgevit.runtimes import RuntimeUnavailable  # noqa: E402
 from edgevit.pipeline.export import ExportRequest, export_model  # noqa: E402
+from tests.test_cli import assert_one_line_error  # noqa: E402
 from edgevit.targets.recipes import resolve_recipe  # noqa: E402
 from edgevit.targets.tensorrt import (  # noqa: E402
     BUILD_SCRIPT, trtexec_command,
@@ -367,7 +368,8 @@ def test_cli_rejects_an_inverted_profile_in_one_line(capsys, tmp_path):
     code = main(["export", "levit_128s", "-t", "tensorrt", "--dynamic-batch", "--opt-batch", "9", "--max-batch", "4",
                  "--out", str(tmp_path)])
     _, err = capsys.readouterr()
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--opt-batch 9 is larger than --max-batch 4" in err
+    assert_one_line_error(code, "", err, "--opt-batch 9 is larger than --max-batch 4")
+    assert code == 2
     assert list(tmp_path.iterdir()) == []
 
 

@@ -64,8 +64,8 @@ import numpy as np
 
 from edgevit.core.errors import EdgevitError
 from edgevit.core.quiet import quiet
-from edgevit.quant.onnx_graph import (CALIBRATION_METHODS, CalibrationReader, OnnxGraph, channel_axis,
-                                        constant_value, node_module)
+from edgevit.quant.onnx_graph import (CALIBRATION_METHODS, OnnxGraph, calibrated_ranges, channel_axis, constant_value,
+                                        node_module)
 from edgevit.quant.spec import QuantSpec
 
 GELU_OPSET = 20  # first ONNX opset with a Gelu operator
@@ -637,23 +637,22 @@ def _quantize_static(model, quant: QuantSpec, float_modules: tuple[str, ...], in
     excluded = float_nodes(model, quant, float_modules)
     images = quant.calibration.detach().cpu().numpy().astype(np.float32)
     first_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
-    batch = first_dim.dim_value if first_dim.HasField("dim_value") else 8
+    static_batch = first_dim.dim_value if first_dim.HasField("dim_value") else None
     method = getattr(CalibrationMethod, CALIBRATION_METHODS[quant.method])
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="edgevit-int8-") as work, quiet():
         source, target, ranges = Path(work) / "fp32.onnx", Path(work) / "int8.onnx", Path(work) / "ranges.json"
         onnx.save(model, str(source))
-        reader = CalibrationReader(images, input_name, batch)
+        feed = (images, input_name, static_batch)
         try:
-            _calibrate(source, Path(work), method, _CALIBRATOR_OPTIONS[quant.method], reader, ranges)
+            _calibrate(source, Path(work), quant.method, _CALIBRATOR_OPTIONS[quant.method], feed, ranges)
         except ValueError as exc:
             if "bins" not in str(exc):
                 raise
             # numpy cannot bin a tensor whose values barely vary (seen on random-weight models)
             notes.append(f"{quant.method} calibration could not bin a near-constant tensor; min/max ranges used")
             method = CalibrationMethod.MinMax
-            reader.rewind()
-            _calibrate(source, Path(work), method, {}, reader, ranges)
+            _calibrate(source, Path(work), "minmax", {}, feed, ranges)
         quantize_static(
             str(source), str(target), None, calibration_cache_path=ranges,
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OP_TYPES),
@@ -761,16 +760,14 @@ def from_pt2e_program(model) -> Int8Graph:
     })
 
 
-def _calibrate(source: Path, work: Path, method, options: dict[str, Any], reader, ranges: Path) -> None:
-    """Activation ranges of ``source`` on ``reader``'s images, saved where quantize_static reads them.
-    (Calibrated here rather than inside quantize_static, which cannot pass histogram sizes
-    through: its entropy search then has nothing to choose from and equals min/max.)"""
-    from onnxruntime.quantization import create_calibrator, save_tensors_data
+def _calibrate(source: Path, work: Path, method: str, options: dict[str, Any], feed: tuple, ranges: Path) -> None:
+    """Activation ranges of ``source`` on ``feed`` (images, input name, static batch or None),
+    saved where quantize_static reads them. (Calibrated here rather than inside quantize_static,
+    which cannot pass histogram sizes through: its entropy search then has nothing to choose
+    from and equals min/max.)"""
+    from onnxruntime.quantization import save_tensors_data
 
-    calibrator = create_calibrator(source, list(STATIC_OP_TYPES), augmented_model_path=str(work / "augmented.onnx"),
-                                   calibrate_method=method, extra_options=options)
-    calibrator.collect_data(reader)
-    save_tensors_data(calibrator.compute_data(), ranges)
+    save_tensors_data(calibrated_ranges(source, list(STATIC_OP_TYPES), work, method, options, *feed), ranges)
 
 
 def _quantize_dynamic(model, quant: QuantSpec, float_modules: tuple[str, ...], full_range_modules: tuple[str, ...]) -> Int8Graph:

@@ -36,7 +36,7 @@ import numpy as np
 
 from edgevit.core.errors import EdgevitError
 from edgevit.core.quiet import quiet
-from edgevit.quant.onnx_graph import (CALIBRATION_METHODS, SHAPE_ONLY_OPS, CalibrationReader, OnnxGraph, attribute,
+from edgevit.quant.onnx_graph import (SHAPE_ONLY_OPS, OnnxGraph, attribute, calibrated_ranges,
                                         channel_axis, in_modules)
 from edgevit.quant.spec import QuantSpec
 
@@ -45,7 +45,6 @@ NORM_OPS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization",
 POOLING_OPS = ("AveragePool", "GlobalAveragePool", "MaxPool", "GlobalMaxPool")
 LAYOUT_OPS = (*SHAPE_ONLY_OPS, "Transpose", "Slice", "Split")  # change no value
 INT8_MAX = 127
-_CALIBRATION_CHUNK = 8  # images per onnxruntime run while collecting ranges (bounds memory)
 
 # Why an activation tensor is quantized for a consumer (QuantizedInput.rule).
 RULE_WEIGHTED_INPUT = "weighted-op input"
@@ -189,30 +188,18 @@ def activation_amax(model_path: Path, tensors: list[str], calibration, method: s
                     input_name: str, static_batch: int | None) -> dict[str, float]:
     """Largest magnitude to keep per activation tensor, from onnxruntime's calibrator for
     ``method`` run on the fp32 graph over ``calibration`` (NCHW float32)."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-
     images = np.ascontiguousarray(np.asarray(calibration, dtype=np.float32))
     if images.ndim != 4 or len(images) == 0:
         raise EdgevitError(f"calibration images must be a non-empty NCHW batch, got shape {images.shape}")
-    chunk = static_batch or _CALIBRATION_CHUNK
-    calibrate_method = getattr(CalibrationMethod, CALIBRATION_METHODS[method])
     # Symmetric ranges: TensorRT's int8 has zero point 0; minmax needs no histogram either way.
     # Entropy as TensorRT's own calibrator does it (2048-bin histogram, 128 quantized bins); with
     # onnxruntime's default 128 bins the KL search has a single candidate, the min-max range.
     extra = {"symmetric": True, "num_bins": 512, "num_quantized_bins": 128} if method == "entropy" else {"symmetric": True}
     op_types = sorted({"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", *NORM_OPS, "Softmax", *POOLING_OPS})
     with tempfile.TemporaryDirectory(prefix="edgevit-calibration-") as scratch, quiet():
-        calibrator = create_calibrator(Path(model_path), op_types, augmented_model_path=str(Path(scratch) / "augmented.onnx"),
-                                       calibrate_method=calibrate_method, extra_options=extra)
-        if hasattr(calibrator, "tensors_to_calibrate"):
-            # Histograms (and their threshold searches) only for the tensors that get a Q/DQ pair.
-            calibrator.tensors_to_calibrate = set(tensors) & set(calibrator.tensors_to_calibrate)
-        for start in range(0, len(images), chunk):
-            part = images[start:start + chunk]
-            if static_batch and len(part) < static_batch:
-                break  # a static-batch graph takes whole batches only
-            calibrator.collect_data(CalibrationReader(part, input_name, static_batch or len(part)))
-        ranges = calibrator.compute_data()
+        # Histograms (and their threshold searches) only for the tensors that get a Q/DQ pair.
+        ranges = calibrated_ranges(Path(model_path), op_types, Path(scratch), method, extra, images, input_name,
+                                   static_batch, tensors=set(tensors))
     amax = {}
     for tensor in tensors:
         if tensor not in ranges.data:
