@@ -99,7 +99,10 @@ def _from_hub(spec: str) -> Path:
 
 
 def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
-    """Why ``endpoint`` cannot be reached (None: a TCP connection opened within ``timeout`` s)."""
+    """Why ``endpoint`` cannot be reached (None: a TCP connection opened within ``timeout`` s,
+    or a proxy is configured, which then decides)."""
+    if urllib.request.getproxies().get(urllib.parse.urlparse(endpoint).scheme):
+        return None
     parsed = urllib.parse.urlparse(endpoint)
     host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
     try:

@@ -95,7 +95,6 @@ def _module_subject(model: torch.nn.Module, cfg, class_names, weights_record) ->
 
 
 def _artifact_subject(path: Path) -> Subject:
-    from edgevit import runtimes
     from edgevit.core.bundle import MANIFEST_NAME, find_manifest, read_manifest
     from edgevit.targets import get_target
 
@@ -106,7 +105,7 @@ def _artifact_subject(path: Path) -> Subject:
     bundle, manifest = found.parent, read_manifest(found.parent)
     try:
         artifact = bundle / manifest["artifact"]["file"]
-        target, options = manifest["target"], manifest["recipe"]["options"]
+        target = manifest["target"]
         preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
         output = manifest.get("output") or {}
         num_classes = int(output.get("num_classes", manifest["model"]["config"]["num_classes"]))
@@ -119,11 +118,7 @@ def _artifact_subject(path: Path) -> Subject:
     if not artifact.exists():
         raise EdgevitError(f"the manifest names {artifact.name}, which is missing from {bundle}; re-export it")
     spec = get_target(target)
-    spec.implementation()  # a missing export package names the extra to install
-    try:
-        runner = runtimes.load(spec.runs_in, artifact, options=options).run
-    except runtimes.RuntimeUnavailable as reason:
-        raise MissingBackend(f"cannot run {artifact.name} here: {reason}; evaluate it where {spec.runtime} runs") from None
+    runner = artifact_session(artifact, manifest).run
     labels = output.get("labels")
     class_names = output.get("class_names") or KNOWN_LABEL_SETS.get(labels or "")
     return Subject(
@@ -133,6 +128,19 @@ def _artifact_subject(path: Path) -> Subject:
                  "runtime": spec.runtime, "artifact": str(artifact), "random_weights": bool(manifest.get("random_weights")),
                  "artifact_sha256": (manifest.get("artifact") or {}).get("sha256")},
     )
+
+
+def artifact_session(artifact: Path, manifest: dict[str, Any]):
+    """A bundle's artifact loaded in its target's runtime with the export's options; a runtime
+    this machine lacks is one line (exit code 4)."""
+    from edgevit import runtimes
+    from edgevit.targets import get_target
+
+    spec = get_target(manifest["target"])
+    try:
+        return runtimes.load(spec.runs_in, artifact, options=(manifest.get("recipe") or {}).get("options") or {})
+    except runtimes.RuntimeUnavailable as reason:
+        raise MissingBackend(f"cannot run {artifact.name} here: {reason}; run it where {spec.runtime} runs") from None
 
 
 def normalise_class_name(name: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from edgevit.core import bundle as bundles
 from edgevit.models import get_model_cfg
 from edgevit.pipeline.export import ExportRequest, Progress, export_model
-from edgevit.profile.profiler import profile_model
+from edgevit.profile.profiler import check_plan, profile_model
 from edgevit.profile.profiles import DeviceProfile
 from edgevit.targets.recipes import resolve_recipe
 
@@ -39,7 +39,7 @@ def ensure_bundle(model: str, target: str, precision: str, artifacts: Path,
     """The verified artifact of the target's default recipe: the existing bundle, or a new export."""
     recipe = resolve_recipe(None, target, precision)
     existing = artifacts / bundles.bundle_name(model, recipe.name, {})
-    if bundles.find_manifest(existing) is not None:
+    if (existing / bundles.MANIFEST_NAME).is_file():
         manifest = bundles.read_manifest(existing)
         progress(f"using {existing}")
         return existing / manifest["artifact"]["file"], manifest
@@ -53,8 +53,7 @@ def profile(request: ProfileRequest, progress: Progress | None = None) -> dict[s
     get_model_cfg(request.model)  # an unknown name fails before any slow work
     device = request.profile
     targets = list(request.targets or device.runtimes)
-    for target in targets:
-        device.runtime_for(target)  # a target the device does not run: one line, before any export
+    check_plan(device, targets, request.with_layers)  # before any export
     measured = not request.estimate and device.measurable
     found = {target: ensure_bundle(request.model, target, request.precision, request.artifacts, step)
              for target in targets if measured and target != "torch"}

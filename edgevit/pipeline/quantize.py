@@ -10,7 +10,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from edgevit import runtimes
 from edgevit.core import bundle as bundles
 from edgevit.core.errors import EdgevitError
 from edgevit.models import get_model_cfg, to_deploy
@@ -19,7 +18,6 @@ from edgevit.quant.calibration import Calibration, activation_ranges, calibratio
 from edgevit.quant.qat import QatResult, run_qat
 from edgevit.quant.sensitivity import keep_float_until, layer_sensitivity
 from edgevit.quant.spec import check_choices
-from edgevit.targets import get_target
 from edgevit.targets.recipes import resolve_recipe
 from edgevit.training import load_eval_model, training_data
 
@@ -94,6 +92,8 @@ def quantize_model(request: QuantizeRequest, progress: Progress | None = None) -
         raise EdgevitError("qat needs labelled training data: give --train-data fashion-mnist or a folder with one subfolder per class")
     if max_drop is not None and max_drop < 0:
         raise EdgevitError(f"--max-drop must be >= 0 top-1 points, got {max_drop}")
+    if request.weights and request.random_weights:
+        raise EdgevitError("give --weights or --random-weights, not both")
     if not request.weights and not request.random_weights and request.qat_result is None:
         raise EdgevitError("int8 of random weights is not meaningful (its ranges and its check against float would "
                            "describe noise): give --weights FILE (or --weights pretrained), or --random-weights for "
@@ -163,7 +163,7 @@ def quantize_model(request: QuantizeRequest, progress: Progress | None = None) -
 def _drop_meter(eval_model, eval_data, eval_limit, calibration):
     """Top-1 points lost by an artifact: on labelled ``eval_data`` when given, else the share of
     calibration images whose top-1 class changed from float's (no labels needed)."""
-    from edgevit.pipeline.evaluate import evaluate
+    from edgevit.pipeline.evaluate import artifact_session, evaluate
 
     if eval_data:
         baseline = evaluate(eval_model, eval_data, limit=eval_limit)["top1"]
@@ -173,9 +173,7 @@ def _drop_meter(eval_model, eval_data, eval_limit, calibration):
         reference = eval_model(calibration.inputs).argmax(1).numpy()
 
     def disagreement(artifact: ExportOutcome) -> float:
-        manifest = artifact.manifest
-        session = runtimes.load(get_target(manifest["target"]).runs_in, artifact.artifact, options=manifest["recipe"]["options"])
-        predicted = session.run(calibration.inputs.numpy()).argmax(1)
+        predicted = artifact_session(artifact.artifact, artifact.manifest).run(calibration.inputs.numpy()).argmax(1)
         return 100.0 * float(np.mean(predicted != reference))
 
     return disagreement

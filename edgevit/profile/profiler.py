@@ -6,6 +6,7 @@ process; over ssh; over adb), or estimated from its peak figures where it cannot
 """
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Callable
@@ -32,9 +33,7 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
 
     get_model_cfg(model)  # an unknown name fails before any slow work
     targets = targets or list(profile.runtimes)
-    chosen = {target: profile.runtime_for(target) for target in targets}  # unknown target: one line
-    if with_layers and profile.method != "local":
-        raise EdgevitError("--layers profiles on this machine only (device reach 'local')")
+    chosen = check_plan(profile, targets, with_layers)
     document = results.new_results(profile, model, precision, batch)
     threads = threads or profile.threads or None
     repeats = max(1, repeats)
@@ -72,7 +71,7 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
         entry.setdefault("peak_rss_mb", None)  # in-process: the whole process's, not the runtime's
         if with_layers and entry["target"] in ("onnx", "executorch"):
             progress(f"per-layer profile of {model} with {request.runtime}")
-            entry["layers"] = _layers(model, entry["target"], request.artifact, threads, min(runs, 20))
+            entry["layers"] = _layers(model, entry["target"], request.artifact, threads or os.cpu_count(), min(runs, 20))
     if with_layers and precision in profile.peak_flops and profile.memory_bandwidth:
         document["layer_estimate_ms"] = estimate.estimate(model, profile, precision, batch)["layers_ms"]
     if not any(m["status"] != "skipped" for m in document["measurements"]):
@@ -80,6 +79,15 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
         raise MissingBackend(f"nothing could be measured on {profile.name} here ({reasons}); "
                            f"--estimate gives a roofline estimate instead")
     return document
+
+
+def check_plan(profile: DeviceProfile, targets: list[str], with_layers: bool) -> dict[str, str]:
+    """target → runtime on ``profile``; a target it does not run, or --layers off this machine,
+    is one line before any slow work."""
+    chosen = {target: profile.runtime_for(target) for target in targets}
+    if with_layers and profile.method != "local":
+        raise EdgevitError("--layers profiles on this machine only (device reach 'local')")
+    return chosen
 
 
 _TIMING_KEYS = set(timing.Timing.__dataclass_fields__)

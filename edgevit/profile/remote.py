@@ -68,6 +68,8 @@ def _worker_result(completed: subprocess.CompletedProcess, where: str) -> dict[s
         result = None
     if completed.returncode == worker.EXIT_UNAVAILABLE and result:
         raise runtimes.RuntimeUnavailable(f"{result['unavailable']} (on {where})")
+    if completed.returncode == worker.EXIT_ARTIFACT_ERROR and result:
+        raise EdgevitError(f"{result['error']} (on {where})")
     if completed.returncode != 0 or not isinstance(result, dict):
         detail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgevitError(f"the measurement on {where} failed (exit {completed.returncode}): {detail}")
@@ -84,6 +86,15 @@ def measure_in_subprocess(request: Request) -> dict[str, Any]:
     completed = _run([sys.executable, "-m", worker.__name__, *request.worker_args(artifact)],
                      MEASURE_TIMEOUT_S, f"measuring {request.runtime} in a subprocess", env)
     return _worker_result(completed, "this machine, in a subprocess")
+
+
+def artifact_files(artifact: Path | None) -> list[Path]:
+    """The artifact and what its runtime reads beside it (a TensorRT engine's ``.json``: the GPU
+    and TensorRT version it was built for)."""
+    if artifact is None:
+        return []
+    companion = artifact.with_name(artifact.name + ".json")
+    return [artifact, *([companion] if companion.is_file() else [])]
 
 
 class SshDevice:
@@ -122,7 +133,7 @@ class SshDevice:
             raise EdgevitError(f"cannot make a work folder under {self.workdir} on {self.host}: {made.stderr.strip()}")
         remote_dir = made.stdout.strip()
         try:
-            sources = [*WORKER_FILES, *([request.artifact] if request.artifact else [])]
+            sources = [*WORKER_FILES, *artifact_files(request.artifact)]
             copied = _run(self.scp_argv(sources, remote_dir), COPY_TIMEOUT_S, f"copying to {self.host}")
             if copied.returncode != 0:
                 raise EdgevitError(f"copying the artifact to {self.host} failed: {copied.stderr.strip()}")

@@ -31,7 +31,8 @@ else:  # run as a script (isolated, or copied to a device): its companions are b
     import runtimes  # importing edgevit would load torch into the measured process for nothing
     import timing
 
-EXIT_UNAVAILABLE = 3
+# The worker's own protocol with edgevit.profile.remote (not the CLI's exit codes).
+EXIT_UNAVAILABLE, EXIT_ARTIFACT_ERROR = 10, 11
 CLOCKS = {"wall": timing.wall_clock, "cuda_events": timing.cuda_event_clock}
 
 
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except runtimes.RuntimeUnavailable as exc:
         print(json.dumps({"unavailable": str(exc)}))
         return EXIT_UNAVAILABLE
+    except runtimes.ArtifactError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return EXIT_ARTIFACT_ERROR
     # The process's high-water mark: in a process of its own, the runtime's and the model's.
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))

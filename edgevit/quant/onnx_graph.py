@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from edgevit.core.errors import EdgevitError
+
 # onnxruntime's calibration method per edgevit range method (edgevit.quant.spec.METHODS)
 CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 SHAPE_ONLY_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")  # move no data: fusions see through them
@@ -196,6 +198,9 @@ def calibrated_ranges(source: Path, op_types: list[str], work: Path, method: str
     chunks = [part[:len(part) // batch * batch] if static_batch else part
               for part in (images[i:i + chunk] for i in range(0, len(images), chunk))]
     chunks = [part for part in chunks if len(part)]
+    if not chunks:
+        raise EdgevitError(f"this graph takes batches of {static_batch} images and calibration has {len(images)}; "
+                           "give more calibration images")
     if method != "minmax":
         _fix_histogram_bins(calibrator, [{input_name: np.ascontiguousarray(part[i:i + batch])}
                                          for part in chunks for i in range(0, len(part), batch)])

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import numpy as np
 
 
-try:
-    from edgevit.core.errors import EdgevitError as _UserError
-except ImportError:  # copied onto a device without edgevit: the worker reports every error as JSON
+if __package__ == "edgevit.runtimes":
+    from edgevit.core.errors import EdgevitError as _UserError  # one line from the CLI, no traceback
+else:  # copied onto a device (package "runtimes"): the worker reports these errors as JSON
     _UserError = Exception
 
 

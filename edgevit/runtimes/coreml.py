@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import platform
 
-from .base import ArtifactError, LoadRequest, RuntimeUnavailable, Session, example_input, run_in_chunks
+from .base import ArtifactError, LoadRequest, RuntimeUnavailable, Session, captured_stderr, example_input, run_in_chunks
 
 METADATA_PREFIX = "edgevit."
 OUTPUT_NAME = "logits"
@@ -39,10 +39,12 @@ def load(request: LoadRequest) -> Session:
     path = str(request.artifact)
     spec = ct.utils.load_spec(path)
     metadata = dict(spec.description.metadata.userDefined)
-    # fp32 programs run on the CPU, so the check sees float32 arithmetic; fp16 ones on every
-    # unit, as they would in an app (the Neural Engine computes in float16 only).
+    # fp32 programs run on the CPU, for verification and timing alike: on the GPU or the Neural
+    # Engine they would compute in float16, which is not the artifact; fp16 ones on every unit,
+    # as they would in an app.
     units = ct.ComputeUnit.CPU_ONLY if metadata.get(METADATA_PREFIX + "precision") == "fp32" else ct.ComputeUnit.ALL
-    model = ct.models.MLModel(path, compute_units=units)
+    with captured_stderr():
+        model = ct.models.MLModel(path, compute_units=units)
     feature = spec.description.input[0]
     is_image = feature.type.WhichOneof("Type") == "imageType"
     mean = np.array(json.loads(metadata[METADATA_PREFIX + "mean"]), dtype=np.float32).reshape(-1, 1, 1)

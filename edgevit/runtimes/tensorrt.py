@@ -136,5 +136,4 @@ def load(request: LoadRequest) -> Session:
     if reason:
         raise RuntimeUnavailable(reason)
     engine = EngineRunner(path)
-    batch = request.batch if engine.max_batch >= request.batch else engine.max_batch
-    return Session(engine, engine.bind(batch), [batch, *engine.sample_shape], None, {"engine": path.name})
+    return Session(engine, engine.bind(request.batch), [request.batch, *engine.sample_shape], None, {"engine": path.name})

@@ -282,7 +282,8 @@ def reestimate_batchnorm(model: nn.Module, data, *, seed: int = 0, limit: int = 
     weights were still changing; after a short fine-tune that average fits no version of them,
     and eval mode computes with it. Measured: MobileViT v2 0.5, 30 steps on 12 Fashion-MNIST
     images of 3 classes, train loss 0.25, top-1 on those very images 33 % in eval mode and 100 %
-    once the statistics are recomputed (batch statistics, i.e. train mode, also gave 100 %)."""
+    once the statistics are recomputed (batch statistics, i.e. train mode, also gave 100 %).
+    QAT graphs have none to recompute: the deploy form they start from has its BatchNorms fused."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
@@ -295,17 +296,19 @@ def reestimate_batchnorm(model: nn.Module, data, *, seed: int = 0, limit: int = 
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over the batches below
         norm.train()
+    used = 0
     try:
         for start in range(0, len(chosen), batch_size):
             indices = chosen[start:start + batch_size]
             if len(indices) < 2 and start > 0:
                 break  # BatchNorm1d cannot take a batch of one; the images before it suffice
             model(fetch(indices)[0])
+            used += len(indices)
     finally:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
         model.train(was_training)
-    return len(chosen)
+    return used
 
 
 def _mean_across_processes(value: float, context: DistributedContext) -> float:

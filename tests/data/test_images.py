@@ -21,6 +21,7 @@ from edgevit.data.images import (
 )
 from edgevit.core.errors import EdgevitError
 from edgevit.models import get_model_cfg
+from tests.test_cli import assert_one_line_error
 
 CFG = Preprocessing(input_size=(3, 32, 32), crop_pct=0.9, interpolation="bicubic",
                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -280,8 +281,6 @@ def test_cli_reports_bad_folders_in_one_line(tmp_path, capsys):
     for argv, fragment in cases:
         code = main(argv)
         out, err = capsys.readouterr()
-        lines = err.strip().splitlines()
+        assert_one_line_error(code, out, err, fragment)
         assert code == 2, (argv, err)
-        assert len(lines) == 1 and lines[0].startswith("edgevit: error: ") and fragment in lines[0], err
-        assert "Traceback" not in out + err
     shutil.rmtree(tmp_path / "broken")

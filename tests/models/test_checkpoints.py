@@ -188,10 +188,28 @@ def test_hf_hub_id_that_is_not_cached_offline_fails_clearly(tmp_path, monkeypatc
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(CheckpointError, match="could not get model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"not-downloaded is not in the local Hugging Face cache .*HF_HUB_OFFLINE is set"):
         create_model(MODEL, pretrained="hf-hub:timm/not-downloaded")
     with pytest.raises(CheckpointError, match="hf-hub:org/repo"):
         create_model(MODEL, pretrained="hf-hub:no-slash")
+
+
+def test_hub_out_of_reach_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    """No network (here: an endpoint nobody listens on): one connection attempt decides, and the
+    cache alone answers, instead of huggingface_hub's minute of retries and retry lines."""
+    from huggingface_hub import constants
+
+    from edgevit.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    code = main(["export", MODEL, "--weights", "pretrained", "--out", str(tmp_path / "out")])
+    _, err = capsys.readouterr()
+    error = [line for line in err.splitlines() if line.startswith("edgevit: error:")]
+    assert code == 2 and len(error) == 1 and "Retry" not in err
+    assert "hf-hub:timm/levit_128s.fb_dist_in1k is not in the local Hugging Face cache" in error[0]
+    assert "127.0.0.1:9" in error[0] and not (tmp_path / "out" / f"{MODEL}-onnx-fp32").exists()
 
 
 def test_url_that_returns_a_web_page_is_not_kept(tmp_path, monkeypatch):

@@ -245,3 +245,18 @@ def test_targets_take_turns_and_repeats_are_pooled(monkeypatch, tmp_path):
     assert any(r.startswith("drift: medians of repeats (fresh processes) range 5.60–9.10 ms") for r in ort["noise"])
     assert not et["noisy"] and et["status"] == "measured" and et["artifact"]["verified"] is True
     assert document["device"]["fingerprint"] == {"cpu": "x"}
+
+
+def test_tables_keep_every_number_in_a_pipe(two_runs):
+    """Piped (a log, CI), the report's table keeps its natural width: no cell is cut to "…"."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "edgevit", "profile", "report", *map(str, two_runs)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout
+    for path in two_runs:
+        for measurement in json.loads(path.read_text())["measurements"]:
+            assert f"{measurement['p50_ms']:.2f} ms" in done.stdout, (measurement["p50_ms"], done.stdout)

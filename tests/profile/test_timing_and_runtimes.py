@@ -120,3 +120,20 @@ def test_worker_copied_as_to_a_device_runs_without_edgevit(tiny_pte, tmp_path):
 def test_fingerprint_records_the_host_isa():
     isa = worker.fingerprint()["isa"]
     assert isa == host.host_isa() and isa["int8_kernels"] == host.int8_kernel_class()
+
+
+def test_executorch_reads_a_strided_batch_by_its_values(tiny_pte):
+    """ExecuTorch's Python execute takes a channels-last strided tensor (a photo decoded HWC and
+    transposed) and computes different logits from it; every feed of edgevit's goes through
+    runtimes.base.run_in_chunks, which hands it a contiguous copy."""
+    import numpy as np
+    from executorch.runtime import Runtime
+
+    base = np.random.default_rng(1).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    strided = np.ascontiguousarray(base.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # a decoded photo's HWC memory
+    assert not strided.flags["C_CONTIGUOUS"] and np.array_equal(strided, base)
+    method = Runtime.get().load_program(tiny_pte).load_method("forward")
+    raw = [method.execute([torch.from_numpy(x)])[0].numpy() for x in (base, strided)]
+    assert not np.allclose(raw[0], raw[1])  # the trap itself, as ExecuTorch 1.5.1 has it
+    session = runtimes.load("executorch", tiny_pte)
+    np.testing.assert_array_equal(session.run(strided), session.run(base))

@@ -54,6 +54,7 @@ def test_bad_calibration_folders(capsys, tmp_path, make, fragment):
     (["--mode", "dynamic", "--recipe", "onnx-fp32"], "quantization needs an int8 recipe"),
     (["--mode", "dynamic", "--target", "executorch", "--recipe", "onnx-int8"], "is for target onnx"),
     (["--mode", "dynamic"], "int8 of random weights is not meaningful"),
+    (["--mode", "dynamic", "--weights", "w.safetensors", "--random-weights"], "not both"),
 ])
 def test_bad_quantize_arguments(capsys, tmp_path, argv, fragment):
     out = tmp_path / "out"
@@ -103,3 +104,23 @@ def test_calibrate_once_quantize_from_stats_with_fewer_images_than_asked(capsys,
     assert verification["int8_kernels"]["not_exact_on"] == {}
     bundle = out / "levit_128s-onnx-int8"
     assert (bundle / MANIFEST_NAME).is_file()
+
+
+def test_random_weights_report_fidelity_without_enforcing_it(tmp_path):
+    """--random-weights (latency work): a bound the artifact misses is recorded, not enforced;
+    the same request with the bound enforced is refused and writes nothing."""
+    from edgevit.pipeline.quantize import QuantizeRequest, quantize_model
+    from edgevit.verify import VerificationFailed
+
+    request = QuantizeRequest(MODEL, "onnx", "dynamic", out_dir=tmp_path / "out", random_weights=True,
+                              tolerances={"min_cosine": 1.5})
+    verification = quantize_model(request).export.manifest["verification"]
+    assert verification["passed"] is True and verification["failures"] == []
+    assert any("< 1.5" in failure for failure in verification["unenforced_failures"])
+    assert verification["fidelity"] == "reported, not enforced (random weights)"
+    from edgevit.pipeline.export import ExportRequest, export_model
+
+    with pytest.raises(VerificationFailed, match="< 1.5"):
+        export_model(ExportRequest(MODEL, "onnx", "int8", mode="dynamic", out_dir=tmp_path / "enforced",
+                                   tolerances={"min_cosine": 1.5}))
+    assert _nothing_written(tmp_path / "enforced")

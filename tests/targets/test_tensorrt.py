@@ -31,6 +31,7 @@ from edgevit.quant.spec import QuantSpec  # noqa: E402
 from edgevit.quant.onnx_graph import node_module  # noqa: E402
 from edgevit.targets.tensorrt.int8 import plan_qdq  # noqa: E402
 from edgevit import runtimes  # noqa: E402
+from edgevit.profile import timing  # noqa: E402
 from edgevit.runtimes.tensorrt import engine_mismatch, unavailable_reason  # noqa: E402
 from tests.reference_data import write_as_published  # noqa: E402
 
@@ -404,10 +405,10 @@ def test_engine_builds_runs_and_matches_pytorch(precision, tmp_path, photo_folde
     assert outcome.artifact.suffix == ".engine" and outcome.verification["check"] == TARGETS["tensorrt"].runtime
     assert engine["built"] and engine["gpu"] == torch.cuda.get_device_name() and engine["tensorrt"]
     assert (outcome.bundle / engine["timing_cache"]).stat().st_size > 0 and (tmp_path / "shared.cache").is_file()
-    runner = runtimes.load("tensorrt", outcome.artifact)
+    session = runtimes.load("tensorrt", outcome.artifact, batch=2)
     x = np.random.default_rng(0).standard_normal((6, 3, 224, 224)).astype(np.float32)
-    assert runner(x).shape == (6, 1000)  # chunks of the profile's max batch, 4
-    assert runner.latency_ms(batch=2, runs=5).p50_ms > 0
+    assert session.run(x).shape == (6, 1000)  # chunks of the profile's max batch, 4
+    assert session.input_shape[0] == 2 and timing.measure(session.bench, runs=5, clock=timing.cuda_event_clock).p50_ms > 0
 
 
 @engine_only

@@ -38,7 +38,7 @@ from torch import nn
 from edgevit.core.errors import EdgevitError
 from edgevit.targets import onnx as onnx_target
 from edgevit.runtimes import onnxruntime as ort_runtime
-from edgevit.runtimes.base import LoadRequest
+from edgevit import runtimes
 from edgevit.runtimes.tensorrt import BUILD_SCRIPT, gpu_facts, tensorrt_module, unavailable_reason
 from edgevit.targets.base import ExportResult, PrecheckResult
 
@@ -301,8 +301,7 @@ def precheck(result: ExportResult, model: nn.Module, example: torch.Tensor, prec
         raise EdgevitError("the TensorRT pre-check runs the ONNX export() wrote: pass its ExportResult")
     # int8: every Q/DQ pair computed as ONNX defines it, in float, as TensorRT's int32 accumulation
     # does, not on onnxruntime's CPU int8 kernels (whose results depend on the host's ISA).
-    onnx = ort_runtime.load(LoadRequest(path, options={"optimize": precision != "int8"}))
-    candidate = onnx.run(example.numpy())
+    candidate = runtimes.load("onnxruntime", path, options={"optimize": precision != "int8"}).run(example.numpy())
     with torch.no_grad():
         reference = model(example).numpy()
     form = {"fp32": "float32", "fp16": "float16 compute, float32 I/O",
