@@ -82,3 +82,39 @@ def collapse_failure(reference: np.ndarray, figures: dict[str, Any]) -> str | No
     return None
 
 
+
+
+def block_figures(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float] | None:
+    """How far a block's output in a runtime is from PyTorch's, per image then summarised:
+    mean cosine, SQNR in dB (signal over error power, all images), max error relative to the
+    reference's largest magnitude. None where the two do not hold the same number of values."""
+    reference = reference.astype(np.float64).reshape(len(reference), -1)
+    if candidate.size != reference.size:
+        return None
+    candidate = candidate.astype(np.float64).reshape(reference.shape)
+    error = candidate - reference
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    cosine = np.sum(reference * candidate, axis=1) / np.maximum(norms, 1e-30)
+    noise = float(np.sum(error ** 2))
+    return {"cosine": float(cosine.mean()),
+            "sqnr_db": float(10 * np.log10(max(float(np.sum(reference ** 2)), 1e-30) / noise)) if noise > 0 else float("inf"),
+            "max_rel_error": float(np.abs(error).max() / max(float(np.abs(reference).max()), 1e-30))}
+
+
+JUMP_DB = 10.0  # error power ×10 from one block to the next: where the error jumps
+EXACT_DB = 40.0  # SQNR counted as exact: about what 8-bit quantization of a well-ranged tensor reaches
+
+
+def first_jump(sqnr_db: list[float | None]) -> int | None:
+    """Index of the first block whose output SQNR is :data:`JUMP_DB` below the block before it
+    (the input is exact; SQNR above :data:`EXACT_DB` counts as exact); None where the error
+    grows without a jump. Blocks without figures (None) are passed over."""
+    previous = EXACT_DB
+    for index, value in enumerate(sqnr_db):
+        if value is None:
+            continue
+        value = min(value, EXACT_DB)
+        if previous - value >= JUMP_DB:
+            return index
+        previous = value
+    return None

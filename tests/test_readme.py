@@ -69,6 +69,7 @@ COVERAGE: dict[str, Coverage] = {
     "edgevit quantize levit_128s --weights levit-fmnist.safetensors --mode qat --calib-data train/ --train-data train/ "
     "--out qat/": AS_WRITTEN,
     "edgevit quantize levit_128s --random-weights --mode dynamic --out latency-only/": AS_WRITTEN,
+    "edgevit inspect artifacts/levit_128s-onnx-int8 artifacts/levit_128s-tensorrt-int8 --data val/ --depth 2": AS_WRITTEN,
     "edgevit profile levit_128s --device host-cpu": FEWER_RUNS,
     "edgevit profile levit_128s --device host-cpu --targets onnx --threads 1 --layers": FEWER_RUNS,
     "edgevit profile levit_128s --device iphone-12": AS_WRITTEN,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Optional
 
 import click
@@ -394,6 +395,44 @@ def eval_command(subject, data, weights, limit, batch_size, seed, json_path):
         console.print(f"skipped: {name}", highlight=False)
     for warning in result["warnings"]:
         print(f"edgevit: warning: {warning}", file=sys.stderr)
+
+
+@app.command("inspect", epilog=EXIT_CODES_HELP)
+@click.argument("bundles", nargs=-1, required=True, metavar="BUNDLE…")
+@click.option("--data", default=None, help="Image folder to run (default: the verification batch's synthetic images).")
+@click.option("--images", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--depth", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Module-name depth of the blocks compared (stages.1: 2).")
+@click.option("--json", "json_path", default=None, help="Also write the figures to this JSON file.")
+def inspect_command(bundles, data, images, depth, json_path):
+    """Where an artifact's error comes from: each module's output at --depth in each BUNDLE's
+    runtime against PyTorch (the checkpoint the bundle was exported from), in graph order, with
+    the first block where the error jumps. Bundles of one model line up row by row."""
+    from edgevit.pipeline.inspect import InspectRequest, inspect
+
+    with output.stages(f"inspecting {len(bundles)} bundle(s)") as report:
+        result = inspect(InspectRequest(tuple(bundles), data, images, depth), report)
+    if json_path:
+        _write_json_file(json_path, result)
+    table = Table(title=f"{result['model']}: each block's output against PyTorch ({result['images']} images, "
+                        f"depth {depth}); cos · SQNR dB · max rel err", box=box.SIMPLE_HEAD)
+    table.add_column("block")
+    for row in result["bundles"]:
+        table.add_column(f"{Path(row['bundle']).name}\n{row['target']} {row['precision']}", justify="right")
+    for module in result["modules"]:
+        cells = []
+        for row in result["bundles"]:
+            figures = row["blocks"][module]
+            cell = "–" if figures is None else (f"{figures['cosine']:.4f} · {figures['sqnr_db']:.1f} · "
+                                                f"{figures['max_rel_error']:.2e}")
+            cells.append(cell + (" ◀ jump" if row["first_jump"] == module else ""))
+        table.add_row(module, *cells)
+    table.add_row("(logits)", *(f"{r['output']['mean_cosine']:.4f} · – · {r['output']['max_rel_error']:.2e}"
+                                for r in result["bundles"]))
+    console.print(table)
+    for row in result["bundles"]:
+        where = f"first jump at {row['first_jump']}" if row["first_jump"] else "no block where the error jumps"
+        console.print(f"{Path(row['bundle']).name}: {where}", highlight=False)
 
 
 @app.command("train", epilog=EXIT_CODES_HELP)

@@ -245,3 +245,27 @@ def _fix_histogram_bins(calibrator, feeds: list[dict[str, np.ndarray]]) -> None:
             counts, edges = np.histogram(np.empty(0, most.dtype), calibrator.num_bins, range=(-threshold, threshold))
             collector.histogram_dict[name] = (counts, edges, seed_low, seed_high, threshold)
     calibrator.collector = collector
+
+
+def module_boundaries(model, modules: list[str]) -> dict[str, str]:
+    """For each module name, the tensor of ``model`` (an ONNX ModelProto exported with module
+    scopes in its node names) that carries the module's output to the rest of the graph: the
+    last tensor its nodes produce that a node outside it (or the graph's output) reads. Q/DQ
+    nodes a quantizer added carry their tensor's scope, so in an int8 graph this is the
+    dequantized value the next block sees. Modules with no node of their own are left out."""
+    graph = OnnxGraph(model)
+    inside: dict[str, set[int]] = {name: set() for name in modules}
+    for index, node in enumerate(graph.nodes):
+        owner = node_module(node.name)
+        for name in modules:
+            if owner == name or owner.startswith(name + "."):
+                inside[name].add(index)
+    position = {id(node): index for index, node in enumerate(graph.nodes)}
+    found: dict[str, str] = {}
+    for name, members in inside.items():
+        crossing = [(index, tensor) for index in members for tensor in graph.nodes[index].output
+                    if tensor in graph.outputs
+                    or any(position[id(user)] not in members for user in graph.consumers.get(tensor, []))]
+        if crossing:
+            found[name] = max(crossing)[1]
+    return found

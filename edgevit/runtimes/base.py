@@ -43,6 +43,8 @@ class Session:
     options: dict[str, Any] = field(default_factory=dict)  # the runtime's settings that bear on timing
     end_trace: Callable[[], str] | None = None  # with a trace requested: write it, return its path
     load_ms: float = 0.0  # the artifact's load (and compile) alone: the runtime was imported before
+    # Where the runtime can expose inner tensors: (batch, tensor names) → {name: values per image}.
+    intermediates: Callable[[np.ndarray, list[str]], dict[str, np.ndarray]] | None = None
 
 
 @dataclass(frozen=True)

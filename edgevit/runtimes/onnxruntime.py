@@ -53,7 +53,25 @@ def load(request: LoadRequest) -> Session:
     def run(batch: np.ndarray) -> np.ndarray:
         return run_in_chunks(lambda chunk: session.run(None, {meta.name: chunk.astype(dtype)})[0], batch, static_batch)
 
+    def intermediates(batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        """The graph run once more with ``names`` as extra outputs (same options, same inputs)."""
+        import onnx
+
+        graph = onnx.load(str(request.artifact))
+        present = {o.name for o in graph.graph.output}
+        graph.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in present)
+        probe = build_session(graph.SerializeToString(), request.threads, request.options.get("providers"),
+                              request.options.get("optimize", True))
+        outputs = [o.name for o in probe.get_outputs()]
+        gathered: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for start in range(0, len(batch), static_batch or len(batch)):
+            chunk = np.ascontiguousarray(batch[start:start + (static_batch or len(batch))]).astype(dtype)
+            for name, value in zip(outputs, probe.run(None, {meta.name: chunk})):
+                if name in gathered:
+                    gathered[name].append(np.asarray(value, dtype=np.float32))
+        return {name: np.concatenate(values) for name, values in gathered.items()}
+
     return Session(run, lambda: session.run(None, feed), shape, request.threads,
                    {"intra_op_num_threads": request.threads, "inter_op_num_threads": 1 if request.threads else None,
                     "allow_spinning": False, "optimize": request.options.get("optimize", True)},
-                   session.end_profiling if request.trace_prefix else None)
+                   session.end_profiling if request.trace_prefix else None, intermediates=intermediates)
