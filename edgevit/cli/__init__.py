@@ -223,8 +223,6 @@ def data_command(dataset: str, dest: str, split: str, per_class: int, seed: int)
     """Write a sample of DATASET as an image folder in DEST (one subfolder per class), to try
     train, calibrate, quantize --max-drop and eval on. Fashion-MNIST comes from Debian's
     dataset-fashion-mnist package (see the README's set-up)."""
-    from pathlib import Path
-
     from edgevit.data.fashion_mnist import write_image_folder
 
     folder = Path(dest)
