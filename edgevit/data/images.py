@@ -431,7 +431,7 @@ def calibration_batch(root: str | os.PathLike, cfg: Any, count: int, seed: int =
         readable = f"{len(used)} readable ({len(skipped)} skipped)" if skipped else str(len(used))
         warnings.append(f"asked for {count} images, {folder.root} has only {readable}; using {len(used)}")
     return CalibrationSample(
-        tensor=torch.stack(tensors), files=used, requested=count, skipped=skipped, folder=str(folder.root),
+        tensor=torch.stack(tensors), files=used, requested=count, skipped=skipped, folder=str(Path(folder.root).resolve()),
         seed=seed, preprocessing=prep, sha256=files_sha256(folder.root, used), warnings=warnings,
     )
 

@@ -10,6 +10,7 @@ found by the exporter's scope names (``edgevit.quant.onnx_graph.module_boundarie
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def inspect(request: InspectRequest, progress: Progress | None = None) -> dict[s
     rows = []
     for bundle, bundle_manifest, artifact in opened:
         step(f"running {bundle.name} in its runtime")
-        rows.append(_inspect_bundle(bundle, bundle_manifest, artifact, order, reference, images, logits))
+        rows.append(_inspect_bundle(bundle, bundle_manifest, artifact, deploy, order, reference, images, logits, step))
     return {"model": manifest["model"]["name"], "checkpoint": manifest["checkpoint"]["source"], "depth": request.depth,
             "images": len(images), "image_source": request.data or "synthetic (uniform 8-bit pixels, the model's normalisation)",
             "modules": order, "bundles": rows}
@@ -123,28 +124,99 @@ def _module_outputs(deploy: torch.nn.Module, modules: list[str], images: torch.T
     return outputs, order
 
 
-def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, order: list[str],
-                    reference: dict[str, np.ndarray], images: torch.Tensor, logits: np.ndarray) -> dict[str, Any]:
-    runs_in = manifest["runtime"]
+def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, deploy: torch.nn.Module,
+                    order: list[str], reference: dict[str, np.ndarray], images: torch.Tensor, logits: np.ndarray,
+                    step: Progress) -> dict[str, Any]:
+    session, runs_in = _artifact_session(artifact, manifest)
+    output = session.run(images.numpy())
+    row: dict[str, Any] = {"bundle": str(bundle), "target": manifest["target"], "precision": manifest["precision"],
+                           "runtime": runs_in}
+    if artifact.suffix == ".onnx":
+        values, row["tensors"] = _onnx_values(artifact, session, order, images)
+    elif manifest["target"] == "executorch":
+        values, row["probe"] = _executorch_values(manifest, deploy, order, images, output, step)
+    else:
+        raise MissingBackend(f"{bundle.name}: inspect reads inner tensors of ONNX graphs (onnx and TensorRT-ready) "
+                             f"and ExecuTorch programs; {manifest['target']} artifacts are not supported yet")
+    blocks = {name: (block_figures(reference[name], values[name]) if name in values else None) for name in order}
+    jump = first_jump([figures["sqnr_db"] if figures else None for figures in blocks.values()])
+    return row | {"blocks": blocks, "first_jump": order[jump] if jump is not None else None,
+                  "output": compare_outputs(logits, output)}
+
+
+def _artifact_session(artifact: Path, manifest: dict[str, Any]):
     try:
-        session = artifact_session(artifact, manifest)
+        return artifact_session(artifact, manifest), manifest["runtime"]
     except MissingBackend:
         if manifest["target"] != "tensorrt" or artifact.suffix != ".onnx":
             raise
         # The ONNX TensorRT consumes, as its pre-check runs it: every node as ONNX defines it.
-        session = runtimes.load("onnxruntime", artifact, options={"optimize": False})
-        runs_in = "TensorRT-ready ONNX in onnxruntime, optimisations off (no TensorRT here)"
-    if session.intermediates is None or artifact.suffix != ".onnx":
-        raise MissingBackend(f"{bundle.name}: inspect reads inner tensors of ONNX graphs (onnx and TensorRT-ready "
-                             f"bundles) so far; {manifest['target']} artifacts are not supported yet")
+        return (runtimes.load("onnxruntime", artifact, options={"optimize": False}),
+                "TensorRT-ready ONNX in onnxruntime, optimisations off (no TensorRT here)")
+
+
+def _onnx_values(artifact: Path, session, order: list[str], images: torch.Tensor):
+    """Each module's output tensor, found by the exporter's scope names, added as a graph output."""
     import onnx
 
-    boundaries = module_boundaries(onnx.load(str(artifact), load_external_data=False), order)
-    values = session.intermediates(images.numpy(), sorted(set(boundaries.values())))
-    blocks = {name: (block_figures(reference[name], values[boundaries[name]]) if name in boundaries else None)
-              for name in order}
-    jump = first_jump([figures["sqnr_db"] if figures else None for figures in blocks.values()])
-    return {"bundle": str(bundle), "target": manifest["target"], "precision": manifest["precision"],
-            "runtime": runs_in, "blocks": blocks, "tensors": boundaries,
-            "first_jump": order[jump] if jump is not None else None,
-            "output": compare_outputs(logits, session.run(images.numpy()))}
+    tensors = module_boundaries(onnx.load(str(artifact), load_external_data=False), order)
+    values = session.intermediates(images.numpy(), sorted(set(tensors.values())))
+    return {name: values[tensor] for name, tensor in tensors.items()}, tensors
+
+
+def _executorch_values(manifest: dict[str, Any], deploy: torch.nn.Module, order: list[str], images: torch.Tensor,
+                       artifact_output: np.ndarray, step: Progress):
+    """The program the .pte was lowered from, made again from the bundle's recipe (int8: its
+    quantization spec on its calibration images) and lowered with every module boundary as an
+    extra output (:mod:`edgevit.targets.executorch.probe`); its logits must match the artifact's."""
+    from edgevit.targets.executorch import program
+    from edgevit.targets.executorch.probe import as_graph, lowering_input, with_boundary_outputs
+
+    backend = manifest["recipe"]["options"].get("backend", "xnnpack")
+    example = images[:1]
+    quant = _rebuilt_spec(manifest, deploy.cfg, step) if manifest["precision"] == "int8" else None
+    step(f"lowering the {manifest['precision']} program again with {len(order)} module outputs")
+    lowered, _details = lowering_input(deploy, example, manifest["precision"], backend, quant)
+    graph, found = with_boundary_outputs(as_graph(lowered, example), order)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.pte"
+        path.write_bytes(program(graph, example, backend))
+        session = runtimes.load("executorch", path, options={"backend": backend})
+        values = session.intermediates(images.numpy(), [str(i) for i in range(len(found) + 1)])
+    agreement = compare_outputs(artifact_output, values.pop("0"))
+    probe = {"method": f"the recipe's program lowered again with {len(found)} module boundaries as outputs",
+             "max_abs_error_to_artifact": agreement["max_abs_error"],
+             "reproduces_artifact": agreement["max_rel_error"] <= PROBE_AGREEMENT}
+    return {name: values[str(i + 1)] for i, name in enumerate(found)}, probe
+
+
+# The re-lowered program counts as the artifact's when its logits agree to this (relative to the
+# largest logit): XNNPACK may pick other kernels for a graph with more outputs, never other math.
+PROBE_AGREEMENT = 1e-3
+
+
+def _rebuilt_spec(manifest: dict[str, Any], cfg, step: Progress):
+    """The int8 spec the bundle was quantized with, on the same calibration images (checked by
+    their digest)."""
+    from edgevit.quant.calibration import calibration_from_folder, load_calibration, split_held_out
+    from edgevit.quant.spec import QuantSpec
+
+    summary = manifest["quantization"]
+    recorded = summary.get("calibration") or {}
+    if summary["mode"] == "dynamic":
+        return QuantSpec.from_summary(summary)
+    if recorded.get("stats_file"):
+        source, calibration = recorded["stats_file"], None
+        if Path(source).is_file():
+            calibration = load_calibration(source, cfg)
+    else:
+        source, calibration = recorded.get("folder"), None
+        if source and Path(source).is_dir():
+            step(f"calibration images again: {recorded['requested']} from {source}")
+            calibration = calibration_from_folder(source, cfg, recorded["requested"], recorded.get("seed", 0))
+    if calibration is None or calibration.summary.get("sha256") != recorded.get("sha256"):
+        raise EdgevitError(f"{Path(manifest['artifact']['file']).name}'s int8 program is made again from its "
+                           f"calibration images, and {source} is {'not here' if calibration is None else 'no longer the same images'}"
+                           f"; run inspect where the bundle was quantized")
+    calibrate_on, held_out = split_held_out(calibration.inputs, manifest["recipe"]["verify"]["batch"])
+    return QuantSpec.from_summary(summary, calibrate_on, held_out)

@@ -79,6 +79,16 @@ class QuantSpec:
         import dataclasses
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any], calibration: torch.Tensor | None = None,
+                     held_out: torch.Tensor | None = None) -> "QuantSpec":
+        """The spec a manifest's :meth:`summary` records, with its calibration images rebuilt by
+        the caller (static) — how an int8 program is made again from its bundle."""
+        return cls(mode=summary["mode"], method=summary.get("method") or "minmax", per_channel=summary["per_channel"],
+                   float_ops=tuple(summary["float_ops"]), float_modules=tuple(summary["float_modules"]),
+                   full_range_weights=summary.get("full_range_weights", 0), calibration=calibration,
+                   held_out=held_out, calibration_summary=summary.get("calibration") or {})
+
     def summary(self) -> dict[str, Any]:
         """For the manifest."""
         return {"mode": self.mode, "method": self.method if self.needs_calibration else None,

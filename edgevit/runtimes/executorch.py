@@ -45,6 +45,18 @@ def load(request: LoadRequest) -> Session:
         program.write_etdump_result_to_file(f"{request.trace_prefix}.etdp", f"{request.trace_prefix}.debug")
         return f"{request.trace_prefix}.etdp"
 
+    def intermediates(batch: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        # A method's outputs have no names: a program lowered with inner tensors as extra
+        # outputs (edgevit.targets.executorch.probe) names them by position, "1", "2", …
+        values: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for start in range(0, len(batch), shape[0]):
+            chunk = np.ascontiguousarray(batch[start:start + shape[0]], dtype=np.float32)
+            outputs = method.execute([torch.from_numpy(chunk)])
+            for name in names:
+                values[name].append(outputs[int(name)].numpy().astype(np.float32))
+        return {name: np.concatenate(parts) for name, parts in values.items()}
+
     pool = portable_lib._threadpool_get_thread_count()
     return Session(lambda batch: run_in_chunks(run_chunk, batch, shape[0]), lambda: method.execute(fixed), shape, pool,
-                   {"threadpool_threads": pool}, write_etdump if request.trace_prefix else None)
+                   {"threadpool_threads": pool}, write_etdump if request.trace_prefix else None,
+                   intermediates=intermediates)

@@ -17,7 +17,6 @@ the delegate left to ExecuTorch's portable kernels.
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from edgevit.core.errors import EdgevitError
 from edgevit.core.quiet import quiet
 from edgevit.runtimes.executorch import BACKEND_NAMES
 from edgevit.targets.base import ExportResult
-from edgevit.models.layers import decompose_norms
+from edgevit.targets.executorch.probe import lowering_input
 from edgevit.quant import pt2e
 from edgevit.quant.spec import QuantSpec
 
@@ -50,14 +49,7 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
     if precision == "int8" and quant is None:
         raise EdgevitError("int8 export needs a quantization spec (edgevit.quant.spec.QuantSpec)")
     name = model.cfg.name
-    if backend == "xnnpack":
-        # XNNPACK has no layer/group-norm kernels: without this the graph splits at every norm and
-        # they fall back to portable kernels whose one-pass variance loses precision.
-        model = decompose_norms(copy.deepcopy(model))
-    quantization: dict[str, Any] = {}
-    if precision == "int8":
-        quantized = pt2e.quantize(model, example, quant)
-        model, quantization = quantized.graph_module, quantized.details
+    model, quantization = lowering_input(model, example, precision, backend, quant)
     with quiet():
         edge = lower(model, example, backend)
         stats = delegation_stats(edge.exported_program().graph_module)
@@ -82,6 +74,12 @@ def int8_exactness(result: ExportResult) -> dict[str, Any] | None:
     it was lowered from (:func:`edgevit.quant.pt2e.kernel_exactness`); None for float ones."""
     program = result.evidence.get("int8_program")
     return pt2e.kernel_exactness(program) if program is not None else None
+
+
+def program(model: nn.Module, example: torch.Tensor, backend: str) -> bytes:
+    """``model`` lowered onto ``backend``: the .pte's bytes (how :mod:`.probe`'s graphs are run)."""
+    with quiet():
+        return lower(model, example, backend).to_executorch().buffer
 
 
 def lower(model: nn.Module, example: torch.Tensor, backend: str):
