@@ -401,15 +401,17 @@ def eval_command(subject, data, weights, limit, batch_size, seed, json_path):
 @click.option("--images", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--depth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Module-name depth of the blocks compared (stages.1: 2).")
+@click.option("--advice/--no-advice", default=True, show_default=True,
+              help="For an int8 bundle with a jump, export it again with that block float and measure the change.")
 @click.option("--json", "json_path", default=None, help="Also write the figures to this JSON file.")
-def inspect_command(bundles, data, images, depth, json_path):
+def inspect_command(bundles, data, images, depth, advice, json_path):
     """Where an artifact's error comes from: each module's output at --depth in each BUNDLE's
     runtime against PyTorch (the checkpoint the bundle was exported from), in graph order, with
     the first block where the error jumps. Bundles of one model line up row by row."""
     from edgevit.pipeline.inspect import InspectRequest, inspect
 
     with output.stages(f"inspecting {len(bundles)} bundle(s)") as report:
-        result = inspect(InspectRequest(tuple(bundles), data, images, depth), report)
+        result = inspect(InspectRequest(tuple(bundles), data, images, depth, advice=advice), report)
     if json_path:
         _write_json_file(json_path, result)
     table = Table(title=f"{result['model']}: each block's output against PyTorch ({result['images']} images, "
@@ -429,8 +431,29 @@ def inspect_command(bundles, data, images, depth, json_path):
                                 for r in result["bundles"]))
     console.print(table)
     for row in result["bundles"]:
-        where = f"first jump at {row['first_jump']}" if row["first_jump"] else "no block where the error jumps"
-        console.print(f"{Path(row['bundle']).name}: {where}", highlight=False)
+        console.print(_inspect_summary(row), highlight=False)
+
+
+def _inspect_summary(row: dict) -> str:
+    """How one bundle's figures were obtained, where its error jumps, and what the advice measured."""
+    name = Path(row["bundle"]).name
+    lines = [f"{name}: " + (f"first jump at {row['first_jump']}" if row["first_jump"] else "no block where the error jumps")
+             + f" ({row['runtime']})"]
+    probe = row.get("probe")
+    if probe:
+        lines.append(f"  inner tensors: {probe['method']}; its logits differ from the artifact's by at most "
+                     f"{probe['max_abs_error_to_artifact']:.3g}" + ("" if probe["reproduces_artifact"] else
+                                                                   " — NOT the artifact's: figures describe the re-lowered program"))
+    folded = (row.get("onnx") or {}).get("folded_into_activation")
+    if folded:
+        lines.append(f"  no figure for {', '.join(folded)}: int8 holds that output only after the activation folded into it")
+    advice = row.get("advice")
+    if advice:
+        before, after = advice["output_before"], advice["output_after"]
+        lines.append(f"  {advice['option']} (measured by exporting again): logits cosine {before['mean_cosine']:.4f} → "
+                     f"{after['mean_cosine']:.4f}, top-1 agreement {before['top1_agreement']:.2f} → {after['top1_agreement']:.2f}, "
+                     f"{advice['artifact_bytes_before'] / 1e6:.1f} → {advice['artifact_bytes'] / 1e6:.1f} MB")
+    return "\n".join(lines)
 
 
 @app.command("train", epilog=EXIT_CODES_HELP)

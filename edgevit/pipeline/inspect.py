@@ -10,6 +10,7 @@ found by the exporter's scope names (``edgevit.quant.onnx_graph.module_boundarie
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +23,11 @@ from edgevit import runtimes
 from edgevit.core import bundle as bundles
 from edgevit.core.errors import EdgevitError, MissingBackend
 from edgevit.models import to_deploy
+from edgevit.models.capture import module_outputs
 from edgevit.models.checkpoints import file_sha256
 from edgevit.pipeline.evaluate import artifact_session
 from edgevit.pipeline.export import Progress
-from edgevit.quant.onnx_graph import module_boundaries
+from edgevit.quant.onnx_graph import floors_at_zero, module_boundaries
 from edgevit.training import load_eval_model
 from edgevit.verify import block_figures, compare_outputs, first_jump, verification_batch
 
@@ -37,6 +39,7 @@ class InspectRequest:
     images: int = 8
     depth: int = 1  # module names of this many dotted parts ("stages.1": 2)
     seed: int = 0
+    advice: bool = True  # int8 bundles with a jump: re-export with that block float and measure
 
 
 def inspect(request: InspectRequest, progress: Progress | None = None) -> dict[str, Any]:
@@ -68,7 +71,8 @@ def inspect(request: InspectRequest, progress: Progress | None = None) -> dict[s
     rows = []
     for bundle, bundle_manifest, artifact in opened:
         step(f"running {bundle.name} in its runtime")
-        rows.append(_inspect_bundle(bundle, bundle_manifest, artifact, deploy, order, reference, images, logits, step))
+        rows.append(_inspect_bundle(bundle, bundle_manifest, artifact, deploy, order, reference, images, logits, step,
+                                    advice=request.advice))
     return {"model": manifest["model"]["name"], "checkpoint": manifest["checkpoint"]["source"], "depth": request.depth,
             "images": len(images), "image_source": request.data or "synthetic (uniform 8-bit pixels, the model's normalisation)",
             "modules": order, "bundles": rows}
@@ -103,45 +107,82 @@ def _images(request: InspectRequest, cfg) -> torch.Tensor:
 def _module_outputs(deploy: torch.nn.Module, modules: list[str], images: torch.Tensor):
     """Each module's output on ``images`` (tensor outputs only), and the modules in the order
     they ran (graph order)."""
-    outputs: dict[str, np.ndarray] = {}
-    order: list[str] = []
-    named = dict(deploy.named_modules())
-
-    def keep(name):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and name not in outputs:
-                outputs[name] = output.detach().float().numpy().copy()
-                order.append(name)
-        return hook
-
-    handles = [named[name].register_forward_hook(keep(name)) for name in modules]
-    try:
-        with torch.no_grad():
-            deploy(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs, order
+    with module_outputs(deploy, modules) as outputs, torch.no_grad():
+        deploy(images)
+    return outputs, list(outputs)
 
 
 def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, deploy: torch.nn.Module,
                     order: list[str], reference: dict[str, np.ndarray], images: torch.Tensor, logits: np.ndarray,
-                    step: Progress) -> dict[str, Any]:
-    session, runs_in = _artifact_session(artifact, manifest)
-    output = session.run(images.numpy())
-    row: dict[str, Any] = {"bundle": str(bundle), "target": manifest["target"], "precision": manifest["precision"],
-                           "runtime": runs_in}
-    if artifact.suffix == ".onnx":
-        values, row["tensors"] = _onnx_values(artifact, session, order, images)
-    elif manifest["target"] == "executorch":
-        values, row["probe"] = _executorch_values(manifest, deploy, order, images, output, step)
+                    step: Progress, advice: bool = True) -> dict[str, Any]:
+    target, int8 = manifest["target"], manifest["precision"] == "int8"
+    # Advice measures a re-export in its runtime: Core ML's runs on macOS only, so not there.
+    advice = advice and target in ADVISED_TARGETS
+    quant = _rebuilt_spec(manifest, deploy.cfg, step) if int8 and (advice or target in ("executorch", "coreml")) else None
+    row: dict[str, Any] = {"bundle": str(bundle), "target": target, "precision": manifest["precision"]}
+    if target == "coreml":
+        values, row["precheck"], artifact_logits, runs_in = _coreml_values(artifact, manifest, deploy, order, images, quant)
     else:
-        raise MissingBackend(f"{bundle.name}: inspect reads inner tensors of ONNX graphs (onnx and TensorRT-ready) "
-                             f"and ExecuTorch programs; {manifest['target']} artifacts are not supported yet")
+        session, runs_in = _artifact_session(artifact, manifest)
+        artifact_logits = session.run(images.numpy())
+        if artifact.suffix == ".onnx":
+            values, row["onnx"] = _onnx_values(artifact, session, order, reference, images)
+        elif target == "executorch":
+            values, row["probe"] = _executorch_values(manifest, deploy, order, images, artifact_logits, quant, step)
+        else:
+            raise MissingBackend(f"{bundle.name}: inspect reads inner tensors of ONNX graphs (onnx and TensorRT-ready), "
+                                 f"ExecuTorch programs and Core ML pre-checks; not {artifact.suffix} artifacts")
+    output = compare_outputs(logits, artifact_logits)
     blocks = {name: (block_figures(reference[name], values[name]) if name in values else None) for name in order}
     jump = first_jump([figures["sqnr_db"] if figures else None for figures in blocks.values()])
-    return row | {"blocks": blocks, "first_jump": order[jump] if jump is not None else None,
-                  "output": compare_outputs(logits, output)}
+    row |= {"runtime": runs_in, "blocks": blocks, "first_jump": order[jump] if jump is not None else None,
+            "output": output}
+    if advice and int8 and jump is not None:
+        row["advice"] = _float_module_advice(manifest, quant, order[jump], images, logits, output, step)
+    return row
+
+
+ADVISED_TARGETS = ("onnx", "tensorrt", "executorch")
+
+
+def _coreml_values(artifact: Path, manifest: dict[str, Any], deploy: torch.nn.Module, order: list[str],
+                   images: torch.Tensor, quant):
+    """Each block as the bundle's numerics pre-check computes it (Core ML exposes no inner tensors,
+    and runs only on macOS), and the logits: the artifact's where Core ML runs, else the pre-check's."""
+    from edgevit.targets.coreml.inspection import precheck_block_outputs
+
+    heads = [name for name, _ in deploy.named_children()]
+    values, note = precheck_block_outputs(artifact, manifest, deploy, images, list(dict.fromkeys(order + heads)), quant)
+    try:
+        session, runs_in = _artifact_session(artifact, manifest)
+        return values, note, session.run(images.numpy()), runs_in
+    except MissingBackend:
+        # The pre-check's logits: the last top-level module whose output is the logits' shape.
+        outputs = [values[name] for name in values if name in heads and values[name].shape[1:] == (deploy.cfg.num_classes,)]
+        if not outputs:
+            raise
+        return values, note, outputs[-1], note["method"]
+
+
+def _float_module_advice(manifest: dict[str, Any], quant, block: str, images: torch.Tensor, logits: np.ndarray,
+                         before: dict[str, Any], step: Progress) -> dict[str, Any]:
+    """What keeping ``block`` float does, measured: the bundle exported again with the same
+    recipe, calibration and checkpoint plus ``--float-modules block``, its logits against PyTorch
+    on the same images (tolerances reported, not enforced; nothing is kept)."""
+    from edgevit.pipeline.export import ExportRequest, export_model
+
+    step(f"exporting {manifest['target']} int8 again with --float-modules {block}, to measure what it changes")
+    spec = quant.with_changes(float_modules=tuple(quant.float_modules) + (block,))
+    request = ExportRequest(manifest["model"]["name"], target=manifest["target"], weights=manifest["checkpoint"]["source"],
+                            recipe=manifest["recipe"]["name"], options=dict(manifest["recipe"]["options"]), quant=spec,
+                            enforce_fidelity=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        outcome = export_model(dataclasses.replace(request, out_dir=scratch))
+        session, _runs_in = _artifact_session(outcome.artifact, outcome.manifest)
+        after = compare_outputs(logits, session.run(images.numpy()))
+    return {"float_modules": [block], "option": f"--float-modules {block}", "output_before": before,
+            "output_after": after, "artifact_bytes": outcome.manifest["artifact"]["bytes"],
+            "artifact_bytes_before": manifest["artifact"]["bytes"]}
 
 
 def _artifact_session(artifact: Path, manifest: dict[str, Any]):
@@ -155,17 +196,21 @@ def _artifact_session(artifact: Path, manifest: dict[str, Any]):
                 "TensorRT-ready ONNX in onnxruntime, optimisations off (no TensorRT here)")
 
 
-def _onnx_values(artifact: Path, session, order: list[str], images: torch.Tensor):
+def _onnx_values(artifact: Path, session, order: list[str], reference: dict[str, np.ndarray], images: torch.Tensor):
     """Each module's output tensor, found by the exporter's scope names, added as a graph output."""
     import onnx
 
-    tensors = module_boundaries(onnx.load(str(artifact), load_external_data=False), order)
+    graph = onnx.load(str(artifact), load_external_data=False)
+    tensors = module_boundaries(graph, order)
     values = session.intermediates(images.numpy(), sorted(set(tensors.values())))
-    return {name: values[tensor] for name, tensor in tensors.items()}, tensors
+    found = {name: values[tensor] for name, tensor in tensors.items()}
+    # A conv output whose ReLU was folded into its int8 range is never held unclipped: no figure.
+    folded = [name for name, tensor in tensors.items() if reference[name].min() < 0 and floors_at_zero(graph, tensor)]
+    return {name: value for name, value in found.items() if name not in folded}, {"tensors": tensors, "folded_into_activation": folded}
 
 
 def _executorch_values(manifest: dict[str, Any], deploy: torch.nn.Module, order: list[str], images: torch.Tensor,
-                       artifact_output: np.ndarray, step: Progress):
+                       artifact_logits: np.ndarray, quant, step: Progress):
     """The program the .pte was lowered from, made again from the bundle's recipe (int8: its
     quantization spec on its calibration images) and lowered with every module boundary as an
     extra output (:mod:`edgevit.targets.executorch.probe`); its logits must match the artifact's."""
@@ -174,7 +219,6 @@ def _executorch_values(manifest: dict[str, Any], deploy: torch.nn.Module, order:
 
     backend = manifest["recipe"]["options"].get("backend", "xnnpack")
     example = images[:1]
-    quant = _rebuilt_spec(manifest, deploy.cfg, step) if manifest["precision"] == "int8" else None
     step(f"lowering the {manifest['precision']} program again with {len(order)} module outputs")
     lowered, _details = lowering_input(deploy, example, manifest["precision"], backend, quant)
     graph, found = with_boundary_outputs(as_graph(lowered, example), order)
@@ -183,7 +227,7 @@ def _executorch_values(manifest: dict[str, Any], deploy: torch.nn.Module, order:
         path.write_bytes(program(graph, example, backend))
         session = runtimes.load("executorch", path, options={"backend": backend})
         values = session.intermediates(images.numpy(), [str(i) for i in range(len(found) + 1)])
-    agreement = compare_outputs(artifact_output, values.pop("0"))
+    agreement = compare_outputs(artifact_logits, values.pop("0"))
     probe = {"method": f"the recipe's program lowered again with {len(found)} module boundaries as outputs",
              "max_abs_error_to_artifact": agreement["max_abs_error"],
              "reproduces_artifact": agreement["max_rel_error"] <= PROBE_AGREEMENT}
@@ -215,8 +259,11 @@ def _rebuilt_spec(manifest: dict[str, Any], cfg, step: Progress):
             step(f"calibration images again: {recorded['requested']} from {source}")
             calibration = calibration_from_folder(source, cfg, recorded["requested"], recorded.get("seed", 0))
     if calibration is None or calibration.summary.get("sha256") != recorded.get("sha256"):
+        purpose = ("to read its inner tensors" if manifest["target"] == "executorch"
+                   else "to measure --float-modules advice (--no-advice skips it)")
         raise EdgevitError(f"{Path(manifest['artifact']['file']).name}'s int8 program is made again from its "
-                           f"calibration images, and {source} is {'not here' if calibration is None else 'no longer the same images'}"
-                           f"; run inspect where the bundle was quantized")
+                           f"calibration images {purpose}, and {source} is "
+                           f"{'not here' if calibration is None else 'no longer the same images'}; run inspect where the "
+                           "bundle was quantized")
     calibrate_on, held_out = split_held_out(calibration.inputs, manifest["recipe"]["verify"]["batch"])
     return QuantSpec.from_summary(summary, calibrate_on, held_out)

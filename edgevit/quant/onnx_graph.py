@@ -269,3 +269,17 @@ def module_boundaries(model, modules: list[str]) -> dict[str, str]:
         if crossing:
             found[name] = max(crossing)[1]
     return found
+
+
+def floors_at_zero(model, tensor: str) -> bool:
+    """Whether ``tensor`` comes out of a DequantizeLinear whose zero point is its integer type's
+    lowest value, so it holds no negative values: the quantizer folded a ReLU after it into its
+    range (a conv's output, before its ReLU, then exists in the int8 graph only clipped)."""
+    graph = OnnxGraph(model)
+    node = graph.producer.get(tensor)
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        return False
+    zero_point = constant_value(model.graph, node.input[2])
+    if zero_point is None or zero_point.dtype.kind not in "iu":
+        return False
+    return bool(np.all(zero_point == np.iinfo(zero_point.dtype).min))

@@ -508,3 +508,25 @@ def run_graph(graph_module: torch.fx.GraphModule, batch: torch.Tensor) -> torch.
     """A static-batch-1 graph over a batch, one sample at a time."""
     with torch.no_grad():
         return torch.cat([graph_module(batch[i:i + 1].contiguous()) for i in range(len(batch))])
+
+
+def boundary_nodes(graph_module: torch.fx.GraphModule, modules: list[str]) -> dict[str, torch.fx.Node]:
+    """module name → the node that is its output, for the ``modules`` the graph runs: the last node
+    run inside the module (``nn_module_stack``); where that value is quantized on its way to the
+    next block, the dequantized value the next block reads."""
+    last: dict[str, torch.fx.Node] = {}
+    wanted = set(modules)
+    for node in graph_module.graph.nodes:
+        for path, _kind in _module_stack(node):
+            if path in wanted:
+                last[path] = node
+    return {name: _as_next_block_reads(node) for name, node in last.items()}
+
+
+def _as_next_block_reads(node: torch.fx.Node) -> torch.fx.Node:
+    users = list(node.users)
+    if len(users) == 1 and "quantize_per_tensor" in str(users[0].target):
+        dequantized = [u for u in users[0].users if "dequantize_per_tensor" in str(u.target)]
+        if dequantized:
+            return dequantized[0]
+    return node

@@ -137,8 +137,10 @@ def test_a_damaged_program_is_one_clear_error(tmp_path):
         runtimes.load("executorch", result.path)
 
 
-def test_coreml_backend_lowers_here_and_runs_only_where_core_ml_does(tmp_path):
-    outcome = export_model(ExportRequest("levit_128s", recipe="executorch-coreml-fp32", out_dir=tmp_path))
+def test_coreml_backend_lowers_here_and_runs_only_where_core_ml_does(tmp_path, capsys):
+    weights = write_as_published("timm__levit_128s", tmp_path)
+    outcome = export_model(ExportRequest("levit_128s", recipe="executorch-coreml-fp32", weights=str(weights),
+                                         out_dir=tmp_path))
     details = outcome.manifest["target_details"]
     assert details["backend"] == "coreml" and details["coreml_compute_precision"] == "float32"
     _check_stats(details)
@@ -151,3 +153,10 @@ def test_coreml_backend_lowers_here_and_runs_only_where_core_ml_does(tmp_path):
         assert v["passed"] is None and v["check"].startswith("not run:") and "macOS" in v["check"]
         with pytest.raises(RuntimeUnavailable, match="macOS"):
             runtimes.load("executorch", outcome.artifact, options={"backend": "coreml"})
+        # Inspecting it here: its runtime is missing — one line, the missing-runtime exit code.
+        from edgevit.cli import main
+        from tests.test_cli import assert_one_line_error
+
+        code = main(["inspect", str(outcome.bundle)])
+        assert_one_line_error(code, *capsys.readouterr(), "macOS")
+        assert code == 4

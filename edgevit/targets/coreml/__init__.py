@@ -28,6 +28,7 @@ the program); W8A8, the PT2E program. Both also fail if the ML program holds no 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ W8_WEIGHT_THRESHOLD = 2048
 _W8_OP_TYPES = ("conv", "linear")
 # int8 programs need iOS 17 / macOS 14 for activation quantize/dequantize ops.
 _W8A8_TARGETS = ("iOS17", "iOS18", "macOS14", "macOS15")
+
+# What each pre-check calls itself (verification's "check", inspect's note).
+FP32_PRECHECK = "fp32 pre-check: converted torch.export program vs eager deploy model (PyTorch)"
+FP16_PRECHECK = "fp16 numerics pre-check (PyTorch float16 emulation)"
+W8_PRECHECK = "W8 pre-check: the ML program's int8 weights, float16 emulation (PyTorch)"
+W8A8_PRECHECK = "W8A8 pre-check: the converted PT2E int8 program, float16 emulation (PyTorch)"
 
 
 @dataclass
@@ -203,12 +210,7 @@ def _quantize_weights(mlmodel, program: torch.export.ExportedProgram, quant: Qua
     with quiet():
         quantized = cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
             op_type_configs={op_type: config for op_type in _W8_OP_TYPES}, op_name_configs=op_name_configs))
-    weights: dict[str, torch.Tensor] = {}
-    for op in quantized._mil_program.functions["main"].operations:
-        if op.op_type.startswith("constexpr_"):
-            parameter = parameter_of.get(_source_name(op.name))
-            if parameter is not None:
-                weights[parameter] = torch.from_numpy(np.asarray(op.materialized_val_inference(), dtype=np.float32))
+    weights = dequantized_weights(quantized._mil_program, parameter_of)
     details = {
         "quantizer": "coremltools.optimize.coreml.linear_quantize_weights",
         "mode": "dynamic",
@@ -220,6 +222,18 @@ def _quantize_weights(mlmodel, program: torch.export.ExportedProgram, quant: Qua
         "not_applicable": {"float_ops": "W8 quantizes weights only; every op computes in float16"} if quant.float_ops else {},
     }
     return quantized, details, weights
+
+
+def dequantized_weights(mil_program, parameter_of: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The compressed (constexpr) weights of a MIL program, dequantized, by the parameter name
+    ``parameter_of`` (:func:`_parameter_names`) gives their placeholder."""
+    weights: dict[str, torch.Tensor] = {}
+    for op in mil_program.functions["main"].operations:
+        if op.op_type.startswith("constexpr_"):
+            parameter = parameter_of.get(_source_name(op.name))
+            if parameter is not None:
+                weights[parameter] = torch.from_numpy(np.asarray(op.materialized_val_inference(), dtype=np.float32))
+    return weights
 
 
 def _parameter_names(program: torch.export.ExportedProgram) -> dict[str, str]:
@@ -416,19 +430,24 @@ def precheck(result: ExportResult | None, model: nn.Module, example: torch.Tenso
     fp32: the decomposed torch.export program that coremltools converted, run in PyTorch,
     against the eager deploy model; the ML program's own float32 arithmetic cannot be run here.
     """
-    # One thread: the probes do Python work between a few thousand small ops, where a second
-    # thread gains little and, on a busy machine, stalls every op waiting for its core (measured:
-    # 0.7 s single-threaded vs 24 s with two threads for edgevit_xxs next to another job).
+    with one_thread(), torch.no_grad():
+        evidence = result.evidence if result is not None else {}
+        if precision == "int8":
+            return _precheck_int8(model, example, evidence.get("int8"))
+        if precision == "fp16":
+            return _precheck_fp16(model, example)
+        return _precheck_fp32(model, example, evidence.get("program"))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """PyTorch on one thread: the probes do Python work between a few thousand small ops, where a
+    second thread gains little and, on a busy machine, stalls every op waiting for its core
+    (measured: 0.7 s single-threaded vs 24 s with two threads for edgevit_xxs next to another job)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.no_grad():
-            evidence = result.evidence if result is not None else {}
-            if precision == "int8":
-                return _precheck_int8(model, example, evidence.get("int8"))
-            if precision == "fp16":
-                return _precheck_fp16(model, example)
-            return _precheck_fp32(model, example, evidence.get("program"))
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -451,21 +470,16 @@ def _precheck_int8(model: nn.Module, example: torch.Tensor, program: _Int8Progra
         result = _precheck_fp16(emulated, example)
         notes = [contents, f"the deploy model with the {replaced} int8 weights read back from the ML program "
                            "(dequantized), in float16 emulation, against the float32 deploy model", *result.notes]
-        return PrecheckResult(name="W8 pre-check: the ML program's int8 weights, float16 emulation (PyTorch)",
+        return PrecheckResult(name=W8_PRECHECK,
                               reference=reference.numpy(), candidate=result.candidate, notes=notes,
                               failures=failures + result.failures)
-    names = _ModuleStack(program.graph)
-    try:
-        rounding = _Float16Rounding(names)
-        with rounding:
-            candidate = pt2e.run_graph(program.graph, example.to(torch.float16).to(torch.float32))
-    finally:
-        names.remove()
+    with float16_emulation(program.graph) as rounding:
+        candidate = pt2e.run_graph(program.graph, _to_float16_values(example))
     notes = [contents, "the PT2E int8 program that was converted (quantize/dequantize as PyTorch defines them, "
                        "int8 weights), every float op's output rounded to float16, against the float32 deploy model"]
     if rounding.first_non_finite:
         notes.append(f"NaN/Inf first appears in float16 at {rounding.first_non_finite}")
-    return PrecheckResult(name="W8A8 pre-check: the converted PT2E int8 program, float16 emulation (PyTorch)",
+    return PrecheckResult(name=W8A8_PRECHECK,
                           reference=reference.numpy(), candidate=candidate.numpy(), notes=notes, failures=failures)
 
 
@@ -493,7 +507,7 @@ def _precheck_fp32(model: nn.Module, example: torch.Tensor, exported=None) -> Pr
     feed = example * std if std is not None else example
     candidate = torch.cat([graph(feed[i:i + 1]) for i in range(len(feed))])
     return PrecheckResult(
-        name="fp32 pre-check: converted torch.export program vs eager deploy model (PyTorch)",
+        name=FP32_PRECHECK,
         reference=reference.numpy(), candidate=candidate.numpy(),
         notes=["compares the decomposed ATen program handed to ct.convert with the eager model; "
                "the ML program itself runs only in Core ML (macOS)"],
@@ -507,13 +521,8 @@ def _precheck_fp16(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
         with probe:
             reference = model(example)
         emulated = _float16_copy(model)
-        emulated_names = _ModuleStack(emulated)
-        try:
-            rounding = _Float16Rounding(emulated_names)
-            with rounding:
-                candidate = emulated(example.to(torch.float16).to(torch.float32))
-        finally:
-            emulated_names.remove()
+        with float16_emulation(emulated) as rounding:
+            candidate = emulated(_to_float16_values(example))
     finally:
         names.remove()
     notes = ["fp16 emulation in PyTorch: float16 weights, every op's output rounded to float16 (GroupNorm "
@@ -522,7 +531,7 @@ def _precheck_fp16(model: nn.Module, example: torch.Tensor) -> PrecheckResult:
     notes += probe.notes()
     if rounding.first_non_finite:
         notes.append(f"NaN/Inf first appears in float16 at {rounding.first_non_finite}")
-    return PrecheckResult(name="fp16 numerics pre-check (PyTorch float16 emulation)",
+    return PrecheckResult(name=FP16_PRECHECK,
                           reference=reference.numpy(), candidate=candidate.numpy(), notes=notes,
                           failures=probe.failures())
 
@@ -536,6 +545,20 @@ def _float16_copy(model: nn.Module) -> nn.Module:
         if tensor.dtype == torch.float32:
             tensor.data = tensor.data.to(torch.float16).to(torch.float32)
     return emulated
+
+
+@contextlib.contextmanager
+def float16_emulation(module: nn.Module):
+    """Runs of ``module`` (an eager model, a GraphModule) inside this block compute as Core ML's
+    float16 program: every op's output rounded to float16 (:class:`_Float16Rounding`, which it
+    yields, naming where NaN/Inf first appeared). Weights and inputs are the caller's to round
+    (:func:`_float16_copy`, :func:`_to_float16_values`)."""
+    names = _ModuleStack(module)
+    try:
+        with _Float16Rounding(names) as rounding:
+            yield rounding
+    finally:
+        names.remove()
 
 
 class _ModuleStack:

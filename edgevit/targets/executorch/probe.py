@@ -49,24 +49,7 @@ def as_graph(program: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     return torch.export.export(program.eval(), (example[:1].contiguous(),)).module()
 
 
-def boundaries(graph: torch.fx.GraphModule, modules: list[str]) -> dict[str, torch.fx.Node]:
-    """module name → the node that is its output, for the ``modules`` the graph runs."""
-    last: dict[str, torch.fx.Node] = {}
-    wanted = set(modules)
-    for node in graph.graph.nodes:
-        for path, _kind in pt2e._module_stack(node):
-            if path in wanted:
-                last[path] = node
-    return {name: _as_next_block_reads(node) for name, node in last.items()}
-
-
-def _as_next_block_reads(node: torch.fx.Node) -> torch.fx.Node:
-    users = list(node.users)
-    if len(users) == 1 and "quantize_per_tensor" in str(users[0].target):
-        dequantized = [u for u in users[0].users if "dequantize_per_tensor" in str(u.target)]
-        if dequantized:
-            return dequantized[0]
-    return node
+boundaries = pt2e.boundary_nodes  # module name → its output node (edgevit.quant.pt2e)
 
 
 def with_boundary_outputs(graph: torch.fx.GraphModule, modules: list[str]) -> tuple[torch.fx.GraphModule, list[str]]:
