@@ -28,7 +28,7 @@ from edgevit.core.quiet import quiet
 from edgevit.pipeline.export import ExportRequest, export_model
 from edgevit.runtimes import RuntimeUnavailable
 from edgevit.models import create_model
-from edgevit.profile.timing import measure, thread_settings
+from edgevit.profile.timing import best_of_rounds, thread_settings
 
 SMALLEST = ["mobilevitv2_050", "efficientformer_l1", "levit_128s", "levit_conv_128s", "edgevit_xxs"]
 THREADS = 2
@@ -62,18 +62,6 @@ def artifact_runner(path: Path):
     return runtimes.load("onnxruntime" if path.suffix == ".onnx" else "executorch", path, threads=THREADS).bench
 
 
-def time_interleaved(runners: dict, runs: int, rounds: int = 2) -> dict:
-    """Time every artifact ``rounds`` times, round-robin, and keep each one's best round: a
-    background burst (or the export that just ran) then hurts no artifact more than another."""
-    best: dict = {}
-    for _ in range(rounds):
-        for key, run in runners.items():
-            timing = measure(run, runs=runs)
-            if key not in best or timing.p50_ms < best[key].p50_ms:
-                best[key] = timing
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
@@ -105,7 +93,7 @@ def main() -> None:
                 except (ImportError, RuntimeUnavailable) as exc:
                     console.print(f"{name}: ExecuTorch skipped: {exc}")
             with console.status(f"{name}: timing {len(paths)} artifacts, 2 interleaved rounds"):
-                timings = time_interleaved({k: artifact_runner(path) for k, path in paths.items()}, args.runs)
+                timings = best_of_rounds({k: artifact_runner(path) for k, path in paths.items()}, runs=args.runs)
             results["models"][name] = {k: t.to_dict() for k, t in timings.items()}
             p50 = {k: t.p50_ms for k, t in timings.items()}
             best_onnx = min(p50["edgevit_onnx_torchscript"], p50["edgevit_onnx_dynamo"])

@@ -37,11 +37,11 @@ from edgevit.pipeline.evaluate import evaluate
 from edgevit.pipeline.export import ExportRequest, export_model
 from edgevit.core.host import host_isa
 from edgevit.models import create_model
-from edgevit.profile.timing import thread_settings
+from edgevit.profile.timing import best_of_rounds, thread_settings
 from edgevit.pipeline.quantize import QuantizeRequest, quantize_model
 from edgevit.quant.calibration import Calibration, preprocessing_of
 from edgevit.training import fine_tune, save_trained
-from export_latency import artifact_runner, stock_onnx, time_interleaved  # shared with the export benchmark (this folder)
+from export_latency import artifact_runner, stock_onnx  # shared with the export benchmark (this folder)
 
 SMALLEST = ["mobilevitv2_050", "efficientformer_l1", "levit_128s", "edgevit_xxs"]
 THREADS = 2
@@ -114,7 +114,7 @@ def latency_rows(name: str, args, work: Path) -> dict:
         # judged on the trained model above), so latency artifacts report fidelity, not enforce it.
         artifacts[key] = same_weights(lambda: quantize_model(QuantizeRequest(
             name, target, "static", calib_stats=stats, out_dir=work / "lat", random_weights=True)).export.artifact)
-    best = time_interleaved({key: artifact_runner(path) for key, path in artifacts.items()}, args.runs, args.rounds)
+    best = best_of_rounds({key: artifact_runner(path) for key, path in artifacts.items()}, args.rounds, runs=args.runs)
     return {key: timing.to_dict() for key, timing in best.items()}
 
 

@@ -69,7 +69,13 @@ COVERAGE: dict[str, Coverage] = {
     "edgevit quantize levit_128s --weights levit-fmnist.safetensors --mode qat --calib-data train/ --train-data train/ "
     "--out qat/": AS_WRITTEN,
     "edgevit quantize levit_128s --random-weights --mode dynamic --out latency-only/": AS_WRITTEN,
-    "edgevit inspect artifacts/levit_128s-onnx-int8 artifacts/levit_128s-tensorrt-int8 --data val/ --depth 2": AS_WRITTEN,
+    "edgevit inspect artifacts/levit_128s-onnx-int8 artifacts/levit_128s-executorch-xnnpack-int8 "
+    "artifacts/levit_128s-tensorrt-int8 --data val/ --depth 2": AS_WRITTEN,
+    "edgevit inspect artifacts/levit_128s-coreml-ios17-w8a8 --data val/ --depth 2 --no-advice": AS_WRITTEN,
+    "edgevit export levit_128s --weights levit-fmnist.safetensors --out fp32/": AS_WRITTEN,
+    "edgevit export levit_128s --weights levit-fmnist.safetensors --target executorch --out fp32/": AS_WRITTEN,
+    "edgevit inspect fp32/levit_128s-onnx-fp32 fp32/levit_128s-executorch-xnnpack-fp32 --latency --json inspect.json":
+        AS_WRITTEN,
     "edgevit profile levit_128s --device host-cpu": FEWER_RUNS,
     "edgevit profile levit_128s --device host-cpu --targets onnx --threads 1 --layers": FEWER_RUNS,
     "edgevit profile levit_128s --device iphone-12": AS_WRITTEN,

@@ -401,17 +401,22 @@ def eval_command(subject, data, weights, limit, batch_size, seed, json_path):
 @click.option("--images", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--depth", type=click.IntRange(min=1), default=1, show_default=True,
               help="Module-name depth of the blocks compared (stages.1: 2).")
+@click.option("--latency", is_flag=True, help="Also the time each block takes in each bundle's runtime (a prefix "
+              "of the graph timed per block: ExecuTorch lowers each one, seconds apiece).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for --latency (default: every core).")
+@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per program, --latency.")
 @click.option("--advice/--no-advice", default=True, show_default=True,
               help="For an int8 bundle with a jump, export it again with that block float and measure the change.")
 @click.option("--json", "json_path", default=None, help="Also write the figures to this JSON file.")
-def inspect_command(bundles, data, images, depth, advice, json_path):
+def inspect_command(bundles, data, images, depth, latency, threads, runs, advice, json_path):
     """Where an artifact's error comes from: each module's output at --depth in each BUNDLE's
     runtime against PyTorch (the checkpoint the bundle was exported from), in graph order, with
     the first block where the error jumps. Bundles of one model line up row by row."""
     from edgevit.pipeline.inspect import InspectRequest, inspect
 
     with output.stages(f"inspecting {len(bundles)} bundle(s)") as report:
-        result = inspect(InspectRequest(tuple(bundles), data, images, depth, advice=advice), report)
+        result = inspect(InspectRequest(tuple(bundles), data, images, depth, advice=advice, latency=latency,
+                                        threads=threads, runs=runs), report)
     if json_path:
         _write_json_file(json_path, result)
     table = Table(title=f"{result['model']}: each block's output against PyTorch ({result['images']} images, "
@@ -430,8 +435,28 @@ def inspect_command(bundles, data, images, depth, advice, json_path):
     table.add_row("(logits)", *(f"{r['output']['mean_cosine']:.4f} · – · {r['output']['max_rel_error']:.2e}"
                                 for r in result["bundles"]))
     console.print(table)
+    if latency:
+        console.print(_latency_table(result))
     for row in result["bundles"]:
         console.print(_inspect_summary(row), highlight=False)
+
+
+def _latency_table(result: dict) -> Table:
+    """Milliseconds per block, a column per bundle, rows aligned by module name; each column's
+    sum beside the p50 of the whole artifact measured in the same call."""
+    table = Table(title=f"{result['model']}: time per block, ms (p50 of each prefix less the block it reads from)",
+                  box=box.SIMPLE_HEAD)
+    table.add_column("block")
+    timed = [row.get("latency") for row in result["bundles"]]
+    for row in result["bundles"]:
+        table.add_column(f"{Path(row['bundle']).name}\n{row['runtime']}", justify="right")
+    rows = [({**t["blocks"], **t["other_ms"]} if t else None) for t in timed]
+    others = list(dict.fromkeys(key for t in timed if t for key in t["other_ms"]))
+    for module in [*result["modules"], *others]:
+        table.add_row(module, *(f"{ms[module]:.3f}" if ms and module in ms else "–" for ms in rows))
+    table.add_row("sum", *("–" if not t else f"{t['total_ms']:.3f}" for t in timed))
+    table.add_row("p50, whole artifact", *("–" if not t else f"{t['p50_ms']:.3f}" for t in timed))
+    return table
 
 
 def _inspect_summary(row: dict) -> str:
@@ -444,9 +469,8 @@ def _inspect_summary(row: dict) -> str:
         lines.append(f"  inner tensors: {probe['method']}; its logits differ from the artifact's by at most "
                      f"{probe['max_abs_error_to_artifact']:.3g}" + ("" if probe["reproduces_artifact"] else
                                                                    " — NOT the artifact's: figures describe the re-lowered program"))
-    folded = (row.get("onnx") or {}).get("folded_into_activation")
-    if folded:
-        lines.append(f"  no figure for {', '.join(folded)}: int8 holds that output only after the activation folded into it")
+    if row.get("no_figure"):
+        lines.append(f"  no figure (–) for {', '.join(row['no_figure'])}: {next(iter(row['no_figure'].values()))}")
     advice = row.get("advice")
     if advice:
         before, after = advice["output_before"], advice["output_after"]

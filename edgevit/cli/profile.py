@@ -49,8 +49,9 @@ def profile_group() -> None:
 @click.option("--isolate/--in-process", default=True, show_default=True,
               help="Each measurement in a fresh process (clean load time and peak memory).")
 @click.option("--estimate", is_flag=True, help="Roofline estimate from the profile's peak figures instead of measuring.")
-@click.option("--layers", "with_layers", is_flag=True, help="Also a per-layer profile (onnxruntime, ExecuTorch).")
-@click.option("--layer-depth", default=3, show_default=True, help="Module-name depth of the per-layer table.")
+@click.option("--layers", "with_layers", is_flag=True, help="Also a per-layer profile (onnxruntime, ExecuTorch): per "
+              "block and per operator kind (ExecuTorch fp32 blocks: one lowering per block, seconds each).")
+@click.option("--layer-depth", default=3, show_default=True, help="Module-name depth of the per-block table.")
 @click.option("--artifacts", default="artifacts", show_default=True, help="Where exported artifacts are found or written.")
 @click.option("--save", default=None, help="Results file (default: profile-results/MODEL-DEVICE-PRECISION-TIME.json).")
 def measure_command(model: str, device: Optional[str], profile_file: Optional[str], targets: Optional[str], precision: str,
@@ -62,20 +63,20 @@ def measure_command(model: str, device: Optional[str], profile_file: Optional[st
     from edgevit.profile.profiles import resolve_profile
     from edgevit.profile.report import measurement_table
 
-    if runs < 1 or repeats < 1 or max_warmup < 0 or batch < 1 or (threads is not None and threads < 1):
-        raise EdgevitError("--runs, --repeats, --batch and --threads must be positive and --max-warmup >= 0")
+    if runs < 1 or repeats < 1 or max_warmup < 0 or batch < 1 or layer_depth < 1 or (threads is not None and threads < 1):
+        raise EdgevitError("--runs, --repeats, --batch, --layer-depth and --threads must be positive and --max-warmup >= 0")
     device_profile = resolve_profile(device, profile_file)
     precision = precision or device_profile.precision
     chosen = tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None
     request = ProfileRequest(model, device_profile, chosen, precision, runs, max_warmup, repeats, threads, batch, isolate,
-                             estimate, with_layers, Path(artifacts))
+                             estimate, with_layers, Path(artifacts), layer_depth)
     with output.stages(f"profiling {model} on {device_profile.name}") as report:
         document = profile(request, progress=report)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = results.save(document, Path(save or f"profile-results/{model}-{device_profile.name}-{precision}-{stamp}.json"))
     console.print(measurement_table(document))
     if with_layers:
-        for table in layers.comparison_tables(document, layer_depth):
+        for table in layers.comparison_tables(document):
             console.print(table)
     console.print(f"results: {path}", highlight=False)
 

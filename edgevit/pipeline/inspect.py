@@ -11,6 +11,7 @@ found by the exporter's scope names (``edgevit.quant.onnx_graph.module_boundarie
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from edgevit.models.capture import module_outputs
 from edgevit.models.checkpoints import file_sha256
 from edgevit.pipeline.evaluate import artifact_session
 from edgevit.pipeline.export import Progress
+from edgevit.profile import layers
 from edgevit.quant.onnx_graph import floors_at_zero, module_boundaries
 from edgevit.training import load_eval_model
 from edgevit.verify import block_figures, compare_outputs, first_jump, verification_batch
@@ -40,6 +42,9 @@ class InspectRequest:
     depth: int = 1  # module names of this many dotted parts ("stages.1": 2)
     seed: int = 0
     advice: bool = True  # int8 bundles with a jump: re-export with that block float and measure
+    latency: bool = False  # also the time each block takes in each bundle's runtime
+    threads: int | None = None  # for --latency; None: every core
+    runs: int = 50  # timed runs per program, for --latency
 
 
 def inspect(request: InspectRequest, progress: Progress | None = None) -> dict[str, Any]:
@@ -72,7 +77,7 @@ def inspect(request: InspectRequest, progress: Progress | None = None) -> dict[s
     for bundle, bundle_manifest, artifact in opened:
         step(f"running {bundle.name} in its runtime")
         rows.append(_inspect_bundle(bundle, bundle_manifest, artifact, deploy, order, reference, images, logits, step,
-                                    advice=request.advice))
+                                    request))
     return {"model": manifest["model"]["name"], "checkpoint": manifest["checkpoint"]["source"], "depth": request.depth,
             "images": len(images), "image_source": request.data or "synthetic (uniform 8-bit pixels, the model's normalisation)",
             "modules": order, "bundles": rows}
@@ -114,10 +119,10 @@ def _module_outputs(deploy: torch.nn.Module, modules: list[str], images: torch.T
 
 def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, deploy: torch.nn.Module,
                     order: list[str], reference: dict[str, np.ndarray], images: torch.Tensor, logits: np.ndarray,
-                    step: Progress, advice: bool = True) -> dict[str, Any]:
+                    step: Progress, request: InspectRequest) -> dict[str, Any]:
     target, int8 = manifest["target"], manifest["precision"] == "int8"
     # Advice measures a re-export in its runtime: Core ML's runs on macOS only, so not there.
-    advice = advice and target in ADVISED_TARGETS
+    advice = request.advice and target in ADVISED_TARGETS
     quant = _rebuilt_spec(manifest, deploy.cfg, step) if int8 and (advice or target in ("executorch", "coreml")) else None
     row: dict[str, Any] = {"bundle": str(bundle), "target": target, "precision": manifest["precision"]}
     if target == "coreml":
@@ -127,22 +132,34 @@ def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, depl
         artifact_logits = session.run(images.numpy())
         if artifact.suffix == ".onnx":
             values, row["onnx"] = _onnx_values(artifact, session, order, reference, images)
+            if request.latency:
+                step(f"timing {bundle.name} block by block ({len(order)} prefixes of its graph)")
+                row["latency"] = layers.onnxruntime_block_ms(artifact, order, _threads(request), request.runs)
         elif target == "executorch":
-            values, row["probe"] = _executorch_values(manifest, deploy, order, images, artifact_logits, quant, step)
+            values, row["probe"], graph = _executorch_values(manifest, deploy, order, images, artifact_logits, quant, step)
+            if request.latency:
+                row["latency"] = layers.executorch_block_ms(graph, images[:1], _backend(manifest), order,
+                                                            _threads(request), request.runs, step, whole=artifact)
         else:
             raise MissingBackend(f"{bundle.name}: inspect reads inner tensors of ONNX graphs (onnx and TensorRT-ready), "
                                  f"ExecuTorch programs and Core ML pre-checks; not {artifact.suffix} artifacts")
     output = compare_outputs(logits, artifact_logits)
     blocks = {name: (block_figures(reference[name], values[name]) if name in values else None) for name in order}
+    if any(figures is None for figures in blocks.values()):
+        row["no_figure"] = {name: NO_FIGURE for name, figures in blocks.items() if figures is None}
     jump = first_jump([figures["sqnr_db"] if figures else None for figures in blocks.values()])
     row |= {"runtime": runs_in, "blocks": blocks, "first_jump": order[jump] if jump is not None else None,
             "output": output}
+    if request.latency and "latency" not in row:
+        row["latency_missing"] = f"no per-block time: {runs_in}"
     if advice and int8 and jump is not None:
         row["advice"] = _float_module_advice(manifest, quant, order[jump], images, logits, output, step)
     return row
 
 
 ADVISED_TARGETS = ("onnx", "tensorrt", "executorch")
+NO_FIGURE = ("the artifact never holds this output: int8 keeps it only after the activation fused into it "
+             "(conv+ReLU), or the module runs no op of its own")
 
 
 def _coreml_values(artifact: Path, manifest: dict[str, Any], deploy: torch.nn.Module, order: list[str],
@@ -206,7 +223,7 @@ def _onnx_values(artifact: Path, session, order: list[str], reference: dict[str,
     found = {name: values[tensor] for name, tensor in tensors.items()}
     # A conv output whose ReLU was folded into its int8 range is never held unclipped: no figure.
     folded = [name for name, tensor in tensors.items() if reference[name].min() < 0 and floors_at_zero(graph, tensor)]
-    return {name: value for name, value in found.items() if name not in folded}, {"tensors": tensors, "folded_into_activation": folded}
+    return {name: value for name, value in found.items() if name not in folded}, {"tensors": tensors}
 
 
 def _executorch_values(manifest: dict[str, Any], deploy: torch.nn.Module, order: list[str], images: torch.Tensor,
@@ -217,11 +234,12 @@ def _executorch_values(manifest: dict[str, Any], deploy: torch.nn.Module, order:
     from edgevit.targets.executorch import program
     from edgevit.targets.executorch.probe import as_graph, lowering_input, with_boundary_outputs
 
-    backend = manifest["recipe"]["options"].get("backend", "xnnpack")
+    backend = _backend(manifest)
     example = images[:1]
     step(f"lowering the {manifest['precision']} program again with {len(order)} module outputs")
     lowered, _details = lowering_input(deploy, example, manifest["precision"], backend, quant)
-    graph, found = with_boundary_outputs(as_graph(lowered, example), order)
+    source = as_graph(lowered, example)
+    graph, found = with_boundary_outputs(source, order)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.pte"
         path.write_bytes(program(graph, example, backend))
@@ -231,7 +249,15 @@ def _executorch_values(manifest: dict[str, Any], deploy: torch.nn.Module, order:
     probe = {"method": f"the recipe's program lowered again with {len(found)} module boundaries as outputs",
              "max_abs_error_to_artifact": agreement["max_abs_error"],
              "reproduces_artifact": agreement["max_rel_error"] <= PROBE_AGREEMENT}
-    return {name: values[str(i + 1)] for i, name in enumerate(found)}, probe
+    return {name: values[str(i + 1)] for i, name in enumerate(found)}, probe, source
+
+
+def _backend(manifest: dict[str, Any]) -> str:
+    return manifest["recipe"]["options"].get("backend", "xnnpack")
+
+
+def _threads(request: InspectRequest) -> int:
+    return request.threads or os.cpu_count() or 1
 
 
 # The re-lowered program counts as the artifact's when its logits agree to this (relative to the

@@ -32,6 +32,7 @@ class ProfileRequest:
     estimate: bool = False
     with_layers: bool = False
     artifacts: Path = Path("artifacts")
+    layer_depth: int = 3  # --layers: the blocks are the modules of this many dotted parts
 
 
 def ensure_bundle(model: str, target: str, precision: str, artifacts: Path,
@@ -59,4 +60,4 @@ def profile(request: ProfileRequest, progress: Progress | None = None) -> dict[s
              for target in targets if measured and target != "torch"}
     return profile_model(request.model, device, targets, request.precision, request.runs, request.max_warmup,
                          request.threads, request.batch, request.isolate, request.estimate, request.with_layers,
-                         found, step, request.repeats)
+                         found, step, request.repeats, request.layer_depth)

@@ -14,6 +14,11 @@
   are delegated whole; matching XNNPACK operators to nodes by order would be a guess (XNNPACK
   adds layout transposes and reshapes that are no graph node). ExecuTorch's layers are
   therefore keyed by operator kind.
+
+Per-block times (one row per listed module, the same rows in every runtime) come from each
+runtime's own evidence: onnxruntime's node times summed to the blocks (:func:`onnxruntime_block_ms`),
+and for ExecuTorch the graph the .pte was lowered from, cut at each block's boundary and lowered
+again (:func:`executorch_block_ms`): a block's time is what its prefix adds.
 """
 from __future__ import annotations
 
@@ -22,11 +27,20 @@ import re
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgevit import runtimes
+from edgevit.profile import timing
 from edgevit.runtimes.base import captured_stderr
 
+if TYPE_CHECKING:
+    import torch
+
 _XNNPACK_INSTANCE = re.compile(r"\s*#\d+$")
+# Rows of a per-block table that are no module: time spent outside every listed block.
+BETWEEN_BLOCKS = "(between blocks)"
+AFTER_LAST_BLOCK = "(after the last block)"
+_WHOLE_PROGRAM = "(whole program)"
 
 
 def module_of_node(node_name: str, module_names: set[str]) -> str:
@@ -47,18 +61,158 @@ def onnxruntime_layers(artifact: Path, threads: int, runs: int, module_names: se
     """Mean milliseconds per run, by module and by ONNX op type, from onnxruntime's profiler."""
     with tempfile.TemporaryDirectory() as tmp:
         session = runtimes.load("onnxruntime", artifact, threads=threads, trace_prefix=str(Path(tmp) / "ort"))
-        for _ in range(runs + 1):
+        for _ in range(runs + 1):  # the first run allocates: left out like a warm-up
             session.bench()
-        events = json.loads(Path(session.end_trace()).read_text())
+        node_runs = _node_events_per_run(Path(session.end_trace()), runs + 1)[1:]
     by_module: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
-    node_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    first_run = len(node_events) // (runs + 1)  # the first run allocates: left out like a warm-up
-    for event in node_events[first_run:]:
-        ms = event["dur"] / 1e3 / runs
-        by_module[module_of_node(event["name"], module_names)] += ms
-        by_op[event["args"]["op_name"]] += ms
+    for run in node_runs:
+        for event in run:
+            ms = event["dur"] / 1e3 / runs
+            by_module[module_of_node(event["name"], module_names)] += ms
+            by_op[event["args"]["op_name"]] += ms
     return {"modules": dict(by_module), "ops": dict(by_op)}
+
+
+def _node_events_per_run(trace: Path, runs: int) -> list[list[dict[str, Any]]]:
+    """onnxruntime's profiler events of every node in ``trace``, one list per run of the ``runs``
+    it holds (they ran one after another, each node once)."""
+    events = json.loads(trace.read_text())
+    node_events = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    per_run = len(node_events) // runs
+    return [node_events[k * per_run:(k + 1) * per_run] for k in range(runs)]
+
+
+def blocks_at_depth(names: list[str], depth: int) -> list[str]:
+    """The modules a per-block table at ``depth`` has rows for, in ``names``' order: those of
+    ``depth`` dotted parts, and shallower ones without children (LeViT's stem convolutions at
+    depth 3), so that none holds another and every leaf module is inside one."""
+    parents = {name.rsplit(".", 1)[0] for name in names if "." in name}
+    return [name for name in names if name and (name.count(".") + 1 == depth
+                                                or (name.count(".") + 1 < depth and name not in parents))]
+
+
+def sum_to_blocks(ms_by_module: dict[str, float], modules: list[str]) -> dict[str, float]:
+    """``ms_by_module`` (any module names; "" for the graph itself) summed to the listed
+    ``modules``: each to the listed module that is it or holds it, the rest to
+    :data:`BETWEEN_BLOCKS`, so the rows sum to the input's total."""
+    listed = set(modules)
+    rows: dict[str, float] = defaultdict(float)
+    for name, ms in ms_by_module.items():
+        parts = name.split(".") if name else []
+        holder = next((".".join(parts[:end]) for end in range(len(parts), 0, -1) if ".".join(parts[:end]) in listed),
+                      BETWEEN_BLOCKS)
+        rows[holder] += ms
+    return dict(rows)
+
+
+def onnxruntime_block_ms(artifact: Path, modules: list[str], threads: int, runs: int, rounds: int = 2) -> dict[str, Any]:
+    """Milliseconds per run in each of ``modules`` (module names, none inside another) under
+    onnxruntime, measured as ExecuTorch's are (:func:`executorch_block_ms`): the graph cut at each
+    module's output tensor (:func:`edgevit.quant.onnx_graph.module_boundaries`, the tensors inspect
+    compares), each prefix timed, a block's time its prefix's p50 less that of the latest listed
+    block it reads from. Not onnxruntime's profiler: it slows the nodes it times (levit_128s, 2
+    threads, 2-core x86: their sum 1.35 × the run without it; 1.1 × at 1 thread).
+
+    Returns ``{"blocks": {module: ms}, "other_ms": {row: ms}, "total_ms": sum of both, "p50_ms":
+    the whole graph's, "noise": [why the p50 may not repeat]}``; a module with no tensor of its
+    own is absent."""
+    import onnx
+
+    from edgevit.quant.onnx_graph import OnnxGraph, module_boundaries, prefix_model
+
+    model = onnx.load(str(artifact))
+    graph = OnnxGraph(model)
+    found = module_boundaries(model, modules)
+    position = {tensor: index for index, node in enumerate(graph.nodes) for tensor in node.output}
+    order = sorted(found, key=lambda name: position[found[name]])
+    program_of = {name: _WHOLE_PROGRAM if found[name] in graph.outputs else found[name] for name in order}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths: dict[str, Path] = {_WHOLE_PROGRAM: Path(artifact)}
+        for index, name in enumerate(order, 1):
+            if program_of[name] not in paths:
+                paths[program_of[name]] = Path(tmp) / f"prefix-{index}.onnx"
+                onnx.save(prefix_model(model, found[name]), str(paths[program_of[name]]))
+        benches = {key: runtimes.load("onnxruntime", path, threads=threads).bench for key, path in paths.items()}
+        upstream = {name: graph.ancestors(found[name]) for name in order}
+        return _prefix_differences(order, program_of, lambda name, earlier: found[earlier] in upstream[name],
+                                   benches, rounds, runs, threads)
+
+
+def executorch_block_ms(graph: "torch.fx.GraphModule", example: "torch.Tensor", backend: str, modules: list[str],
+                        threads: int, runs: int, progress: Callable[[str], None] | None = None,
+                        whole: Path | None = None, rounds: int = 2) -> dict[str, Any]:
+    """Milliseconds per run in each of ``modules`` (module names, none inside another) under
+    ExecuTorch, whose XNNPACK events name no module: the prefix of ``graph`` that ends at each
+    module's boundary (:func:`edgevit.targets.executorch.probe.prefix`) is lowered onto
+    ``backend``, and a block's time is its prefix's p50 less that of the latest listed block it
+    reads from (in a chain, the block before; none: the whole prefix, so the first block holds
+    whatever runs before it). The whole program (``whole``: the .pte lowered from ``graph``, when
+    at hand; else ``graph`` is lowered too) is timed beside the prefixes, all taking turns, each
+    keeping its best of ``rounds`` (:func:`edgevit.profile.timing.best_of_rounds`); what it spends
+    beyond the blocks is :data:`AFTER_LAST_BLOCK`. ``graph``: ``probe.as_graph`` of
+    ``probe.lowering_input``, what the .pte is lowered from. ``progress``: told of each lowering
+    (seconds each). Returns :func:`onnxruntime_block_ms`'s shape."""
+    from edgevit.quant.pt2e import boundary_nodes
+    from edgevit.targets.executorch import program
+    from edgevit.targets.executorch.probe import prefix
+
+    step = progress or (lambda _message: None)
+    found = boundary_nodes(graph, modules)
+    position = {node: index for index, node in enumerate(graph.graph.nodes)}
+    order = sorted(found, key=lambda name: position[found[name]])
+    outputs = next(node for node in graph.graph.nodes if node.op == "output").all_input_nodes
+    # A block that ends at the program's output is timed as the whole program; two that end at one
+    # node share a prefix.
+    program_of = {name: _WHOLE_PROGRAM if outputs == [found[name]] else found[name].name for name in order}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths: dict[str, Path] = {}
+        for index, name in enumerate(order, 1):
+            if program_of[name] in paths or program_of[name] == _WHOLE_PROGRAM:
+                continue
+            step(f"lowering the prefix that ends at {name} ({index} of {len(order)})")
+            paths[program_of[name]] = Path(tmp) / f"prefix-{index}.pte"
+            paths[program_of[name]].write_bytes(program(prefix(graph, name), example, backend))
+        if whole is None:
+            step("lowering the whole program")
+            whole = Path(tmp) / "whole.pte"
+            whole.write_bytes(program(graph, example, backend))
+        paths[_WHOLE_PROGRAM] = whole
+        benches = {key: runtimes.load("executorch", path, threads=threads, options={"backend": backend}).bench
+                   for key, path in paths.items()}
+        step(f"timing {len(benches)} programs, taking turns, best of {rounds} rounds")
+        upstream = {name: _ancestors(found[name]) for name in order}
+        return _prefix_differences(order, program_of, lambda name, earlier: found[earlier] in upstream[name],
+                                   benches, rounds, runs, threads)
+
+
+def _prefix_differences(order: list[str], program_of: dict[str, str], reads: Callable[[str, str], bool],
+                        benches: dict[str, Callable[[], object]], rounds: int, runs: int, threads: int) -> dict[str, Any]:
+    """Every prefix and the whole program timed taking turns; each block's time is its prefix's
+    p50 less that of the latest earlier block it ``reads`` from."""
+    timed = timing.best_of_rounds(benches, rounds, runs=runs, threads=threads)
+    p50 = {key: result.p50_ms for key, result in timed.items()}
+    blocks: dict[str, float] = {}
+    for index, name in enumerate(order):
+        source = next((earlier for earlier in reversed(order[:index]) if reads(name, earlier)), None)
+        blocks[name] = p50[program_of[name]] - (p50[program_of[source]] if source else 0.0)
+    return _block_result(blocks, {AFTER_LAST_BLOCK: p50[_WHOLE_PROGRAM] - sum(blocks.values())}, timed[_WHOLE_PROGRAM])
+
+
+def _ancestors(node: "torch.fx.Node") -> set["torch.fx.Node"]:
+    seen: set = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def _block_result(blocks: dict[str, float], other_ms: dict[str, float], timed: timing.Timing) -> dict[str, Any]:
+    return {"blocks": blocks, "other_ms": other_ms, "total_ms": sum(blocks.values()) + sum(other_ms.values()),
+            "p50_ms": timed.p50_ms, "noise": timed.noise}
 
 
 def executorch_layers(artifact: Path, threads: int, runs: int) -> dict[str, dict[str, float]]:
@@ -85,36 +239,44 @@ def executorch_layers(artifact: Path, threads: int, runs: int) -> dict[str, dict
     return {"modules": {}, "ops": dict(by_op)}
 
 
-def at_depth(by_module: dict[str, float], depth: int) -> dict[str, float]:
-    """Sum per-module times up to module names of at most ``depth`` dotted parts."""
-    summed: dict[str, float] = defaultdict(float)
-    for name, ms in by_module.items():
-        summed[".".join(name.split(".")[:depth]) if name else "(graph)"] += ms
-    return dict(summed)
-
-
-def comparison_tables(document: dict, depth: int) -> list:
-    """Per-module milliseconds (each runtime that maps to modules, beside the roofline estimate)
-    and per-operator-kind milliseconds (every runtime), for one profile run."""
+def comparison_tables(document: dict) -> list:
+    """For one profile run: milliseconds per block (``document["layer_blocks"]``, a column per
+    runtime that has them, beside the roofline estimate summed to the same blocks; a line per
+    runtime without them, saying why) and per operator kind (every runtime)."""
     from rich import box
     from rich.table import Table
 
     profiled = [m for m in document["measurements"] if m.get("layers")]
-    module_columns = {f"{m['runtime']} ms": at_depth(m["layers"]["modules"], depth) for m in profiled if m["layers"]["modules"]}
-    if document.get("layer_estimate_ms"):
-        module_columns["roofline estimate ms"] = at_depth(document["layer_estimate_ms"], depth)
+    blocks = document.get("layer_blocks") or []
     tables = []
-    for title, columns in ((f"per module (names cut to {depth} parts)", module_columns),
-                           ("per operator kind", {f"{m['runtime']} ms": m["layers"]["ops"] for m in profiled})):
-        if not columns:
-            continue
-        table = Table(title=f"{document['model']}: mean time per run, {title}", box=box.SIMPLE_HEAD)
-        table.add_column("module" if "module" in title else "operator")
+    measured = {f"{m['runtime']} ms": m["layers"]["per_block"] for m in profiled if m["layers"].get("per_block")}
+    columns = {column: {**result["blocks"], **result["other_ms"]} for column, result in measured.items()}
+    if document.get("layer_estimate_ms"):
+        columns["roofline estimate ms"] = sum_to_blocks(document["layer_estimate_ms"], blocks)
+    missing = [f"{m['runtime']}: {m['layers']['per_block_missing']}" for m in profiled if m["layers"].get("per_block_missing")]
+    if columns:
+        table = Table(title=f"{document['model']}: time per run in each block (depth {document.get('layer_depth')}, "
+                            "module names)", box=box.SIMPLE_HEAD)
+        table.add_column("module")
         for column in columns:
             table.add_column(column, justify="right")
-        keys = sorted({k for values in columns.values() for k in values},
-                      key=lambda k: -max(values.get(k, 0.0) for values in columns.values()))
-        for key in keys:
+        rows = [name for name in blocks if any(name in values for values in columns.values())]
+        rows += sorted({key for values in columns.values() for key in values} - set(blocks))
+        for key in rows:
             table.add_row(key, *(f"{values[key]:.3f}" if key in values else "–" for values in columns.values()))
+        table.add_row("sum", *(f"{sum(values.values()):.3f}" for values in columns.values()))
+        table.add_row("p50, same call", *(f"{measured[c]['p50_ms']:.3f}" if c in measured else "–" for c in columns))
+        tables.append(table)
+    tables += missing
+    ops = {f"{m['runtime']} ms": m["layers"]["ops"] for m in profiled}
+    if ops:
+        table = Table(title=f"{document['model']}: mean time per run, per operator kind", box=box.SIMPLE_HEAD)
+        table.add_column("operator")
+        for column in ops:
+            table.add_column(column, justify="right")
+        keys = sorted({k for values in ops.values() for k in values},
+                      key=lambda k: -max(values.get(k, 0.0) for values in ops.values()))
+        for key in keys:
+            table.add_row(key, *(f"{values[key]:.3f}" if key in values else "–" for values in ops.values()))
         tables.append(table)
     return tables

@@ -21,20 +21,25 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
                   runs: int = 50, max_warmup: int = 100, threads: int | None = None, batch: int = 1,
                   isolate: bool = True, estimate_only: bool = False, with_layers: bool = False,
                   bundles: dict[str, tuple[Path, dict[str, Any]]] | None = None,
-                  progress: Callable[[str], None] = lambda _: None, repeats: int = 3) -> dict[str, Any]:
+                  progress: Callable[[str], None] = lambda _: None, repeats: int = 3,
+                  layer_depth: int = 3) -> dict[str, Any]:
     """Measure (or estimate) ``model`` on ``profile`` for each target; the results document.
 
     Each measurement is ``repeats`` repeats (a fresh process each when isolated) of at least
     ``runs / repeats`` timed runs, the targets taking turns (onnx, executorch, onnx, …), so a
     change in the machine's load lands on every target alike and shows up as repeats that
     disagree (:func:`edgevit.profile.timing.combine`) instead of passing for a steady figure.
-    ``bundles``: target → (artifact, manifest) for every measured target but torch."""
+    ``bundles``: target → (artifact, manifest) for every measured target but torch.
+    ``with_layers``: also per operator kind and per block, the blocks being the modules at
+    ``layer_depth`` (:func:`edgevit.profile.layers.blocks_at_depth`)."""
     from edgevit.models import get_model_cfg
 
     get_model_cfg(model)  # an unknown name fails before any slow work
     targets = targets or list(profile.runtimes)
     chosen = check_plan(profile, targets, with_layers)
     document = results.new_results(profile, model, precision, batch)
+    if with_layers:
+        document |= {"layer_depth": layer_depth, "layer_blocks": _blocks(model, layer_depth)}
     threads = threads or profile.threads or None
     repeats = max(1, repeats)
     planned: list[tuple[dict[str, Any], remote.Request]] = []
@@ -71,7 +76,8 @@ def profile_model(model: str, profile: DeviceProfile, targets: list[str] | None 
         entry.setdefault("peak_rss_mb", None)  # in-process: the whole process's, not the runtime's
         if with_layers and entry["target"] in ("onnx", "executorch"):
             progress(f"per-layer profile of {model} with {request.runtime}")
-            entry["layers"] = _layers(model, entry["target"], request.artifact, threads or os.cpu_count(), min(runs, 20))
+            entry["layers"] = _layers(model, entry["target"], request.artifact, bundles[entry["target"]][1],
+                                      threads or os.cpu_count(), min(runs, 20), document["layer_blocks"], progress)
     if with_layers and precision in profile.peak_flops and profile.memory_bandwidth:
         document["layer_estimate_ms"] = estimate.estimate(model, profile, precision, batch)["layers_ms"]
     if not any(m["status"] != "skipped" for m in document["measurements"]):
@@ -129,10 +135,36 @@ def _artifact_facts(artifact: Path | None, manifest: dict[str, Any] | None) -> d
             "recipe": manifest["recipe"]["name"], "verified": manifest["verification"].get("passed")}
 
 
-def _layers(model: str, target: str, artifact: Path, threads: int | None, runs: int) -> dict[str, Any]:
+def _blocks(model: str, depth: int) -> list[str]:
+    from edgevit.models import create_model, to_deploy
+
+    return layers.blocks_at_depth([name for name, _ in to_deploy(create_model(model)).named_modules()], depth)
+
+
+def _layers(model: str, target: str, artifact: Path, manifest: dict[str, Any], threads: int, runs: int,
+            blocks: list[str], progress: Callable[[str], None]) -> dict[str, Any]:
     from edgevit.models import create_model, to_deploy
 
     if target == "onnx":
         names = {name for name, _ in to_deploy(create_model(model)).named_modules() if name}
-        return layers.onnxruntime_layers(artifact, threads, runs, names)
-    return layers.executorch_layers(artifact, threads, runs)
+        return {**layers.onnxruntime_layers(artifact, threads, runs, names),
+                "per_block": layers.onnxruntime_block_ms(artifact, blocks, threads, runs)}
+    found = layers.executorch_layers(artifact, threads, runs)
+    if manifest["precision"] != "fp32":
+        return found | {"per_block": None, "per_block_missing": (
+            f"no per-block column for the {manifest['precision']} .pte: XNNPACK's events name no module, and its "
+            "program cut at each block would have to be quantized again from calibration images the profile does "
+            "not have (per operator kind below)")}
+    import torch
+
+    from edgevit.targets.executorch.probe import as_graph, lowering_input
+
+    config = manifest["model"]["config"]
+    # Random weights for the prefixes (the bundle may name no checkpoint): a float program's speed
+    # does not depend on the weights' values; the whole program timed is the bundle's own .pte.
+    deploy = to_deploy(create_model(model, num_classes=config["num_classes"], input_size=tuple(config["input_size"])))
+    example = torch.randn(*manifest["input"]["shape"])
+    backend = manifest["recipe"]["options"].get("backend", "xnnpack")
+    lowered, _details = lowering_input(deploy, example, "fp32", backend)
+    return found | {"per_block": layers.executorch_block_ms(as_graph(lowered, example), example, backend, blocks, threads,
+                                                            runs, progress, whole=artifact)}

@@ -116,7 +116,7 @@ def load_calibration(path: str | Path, cfg) -> Calibration:
     if tuple(inputs.shape[1:]) != tuple(cfg.input_size):
         raise EdgevitError(f"{path} holds {tuple(inputs.shape[1:])} inputs, {cfg.name} takes {tuple(cfg.input_size)}")
     ranges = {name: tuple(row) for name, row in zip(metadata["modules"], table.tolist())}
-    return Calibration(inputs=inputs.float(), summary=summary | {"stats_file": str(path)}, ranges=ranges)
+    return Calibration(inputs=inputs.float(), summary=summary | {"stats_file": str(Path(path).resolve())}, ranges=ranges)
 
 
 def split_held_out(images: torch.Tensor, verify_batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -283,3 +283,21 @@ def floors_at_zero(model, tensor: str) -> bool:
     if zero_point is None or zero_point.dtype.kind not in "iu":
         return False
     return bool(np.all(zero_point == np.iinfo(zero_point.dtype).min))
+
+
+def prefix_model(model, tensor: str):
+    """The part of ``model`` that computes ``tensor``, with ``tensor`` its only output: the nodes it
+    needs, in order, and their initializers (what ``inspect --latency`` times block by block)."""
+    import onnx
+
+    graph = OnnxGraph(model)
+    needed = graph.ancestors(tensor)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.node[:]
+    cut.graph.node.extend(node for node in model.graph.node if any(o in needed for o in node.output))
+    del cut.graph.initializer[:]
+    cut.graph.initializer.extend(t for t in model.graph.initializer if t.name in needed)
+    del cut.graph.output[:]
+    cut.graph.output.extend([next((o for o in model.graph.output if o.name == tensor), onnx.ValueInfoProto(name=tensor))])
+    return cut

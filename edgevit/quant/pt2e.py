@@ -516,11 +516,28 @@ def boundary_nodes(graph_module: torch.fx.GraphModule, modules: list[str]) -> di
     next block, the dequantized value the next block reads."""
     last: dict[str, torch.fx.Node] = {}
     wanted = set(modules)
+    is_constant = _Constness()
     for node in graph_module.graph.nodes:
+        # A weight's dequantize can come last in its module: only values computed from the input count.
+        if node.op != "call_function" or is_constant(node):
+            continue
         for path, _kind in _module_stack(node):
             if path in wanted:
                 last[path] = node
-    return {name: _as_next_block_reads(node) for name, node in last.items()}
+    return {name: _as_next_block_reads(node) for name, node in last.items() if not _fused_with_its_activation(node)}
+
+
+def _fused_with_its_activation(node: torch.fx.Node) -> bool:
+    """An int8 op whose only reader is a ReLU-like activation quantized after it: the int8 program
+    holds the value only after the activation (conv+ReLU is one int8 op), so it has no boundary."""
+    users = list(node.users)
+    return (len(users) == 1 and users[0].target in _FUSED_ACTIVATIONS
+            and any("quantize_per_tensor" in str(u.target) for u in users[0].users)
+            and any("dequantize" in str(i.target) for i in node.all_input_nodes))
+
+
+_FUSED_ACTIVATIONS = {torch.ops.aten.relu.default, torch.ops.aten.relu_.default, torch.ops.aten.hardtanh.default,
+                      torch.ops.aten.hardtanh_.default}
 
 
 def _as_next_block_reads(node: torch.fx.Node) -> torch.fx.Node:

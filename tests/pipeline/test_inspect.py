@@ -30,6 +30,7 @@ FAULTS = {
     "edgevit_xxs": ("saic__edgevit_xxs", "blocks2.0", "blocks2.0.LocalAgg.mlp.fc1", "blocks2.0.LocalAgg.mlp.fc2"),
 }
 OUTLIER = 1000.0
+EXECUTORCH_IN_CI = ("levit_128s", "mobilevitv2_050")
 LOOSE = {"min_cosine": 0.0, "max_rel_error": 1e9}  # the faulty model must be written to be inspected
 
 
@@ -73,9 +74,12 @@ def _bundle(folder, photos, model: str, target: str, fault: bool):
 
 @pytest.mark.parametrize("model", sorted(FAULTS))
 @pytest.mark.parametrize("target", ["onnx", "tensorrt", "executorch"])
-def test_a_planted_outlier_is_the_first_jump(tmp_path, photos, model, target):
+def test_a_planted_outlier_is_the_first_jump(tmp_path, photos, model, target, request):
     if target == "executorch":
         pytest.importorskip("executorch", reason="the executorch extra is not installed")
+        if model not in EXECUTORCH_IN_CI and not request.config.getoption("--every-family"):
+            pytest.skip("a minute per family: CI checks ExecuTorch on levit_128s and mobilevitv2_050; "
+                        "python3 -m pytest tests/pipeline/test_inspect.py --every-family runs all four")
     block = FAULTS[model][1]
     bundle = _bundle(tmp_path, photos, model, target, fault=True)
     result = inspect(InspectRequest((str(bundle),), data=str(photos), images=4, depth=2, advice=False))
@@ -136,3 +140,13 @@ def test_bad_input_is_one_line(levit, tmp_path, capsys):
         code = main(["inspect", *argv])
         assert_one_line_error(code, *capsys.readouterr(), fragment)
         assert code == 2
+
+
+def test_latency_gives_each_block_its_time(levit, capsys):
+    code = main(["inspect", str(levit[False]), "--latency", "--runs", "3", "--threads", "1", "--no-advice"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "time per block" in out and "p50, whole artifact" in out
+    row = inspect(InspectRequest((str(levit[False]),), latency=True, runs=3, threads=1, advice=False))["bundles"][0]
+    assert list(row["latency"]["blocks"]) == ["stem", "stages", "head"]
+    assert row["latency"]["total_ms"] == pytest.approx(row["latency"]["p50_ms"])  # prefix times telescope

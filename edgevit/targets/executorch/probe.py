@@ -19,6 +19,7 @@ block reads in the deployed program) is taken, so the extra output adds no float
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -49,14 +50,13 @@ def as_graph(program: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     return torch.export.export(program.eval(), (example[:1].contiguous(),)).module()
 
 
-boundaries = pt2e.boundary_nodes  # module name → its output node (edgevit.quant.pt2e)
 
 
 def with_boundary_outputs(graph: torch.fx.GraphModule, modules: list[str]) -> tuple[torch.fx.GraphModule, list[str]]:
     """A copy of ``graph`` whose outputs are its own first output, then each found module's
     boundary in graph order; and those module names."""
-    copied = copy.deepcopy(graph)
-    found = boundaries(copied, modules)
+    copied = _copy(graph)
+    found = pt2e.boundary_nodes(copied, modules)
     order = [name for name in modules if name in found]
     output = _output_node(copied)
     _set_outputs(copied, (_first_output(output), *(_output_only_copy(copied, found[name]) for name in order)))
@@ -77,9 +77,15 @@ def _output_only_copy(graph: torch.fx.GraphModule, node: torch.fx.Node) -> torch
 
 def prefix(graph: torch.fx.GraphModule, module: str) -> torch.fx.GraphModule:
     """A copy of ``graph`` that ends at ``module``'s boundary (its only output)."""
-    copied = copy.deepcopy(graph)
-    _set_outputs(copied, (boundaries(copied, [module])[module],))
+    copied = _copy(graph)
+    _set_outputs(copied, (pt2e.boundary_nodes(copied, [module])[module],))
     return copied
+
+
+def _copy(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    with warnings.catch_warnings():  # torch 2.13's pytree deprecation note, from copying the export's codegen
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(graph)
 
 
 def _output_node(graph: torch.fx.GraphModule) -> torch.fx.Node:
