@@ -469,6 +469,8 @@ def _inspect_summary(row: dict) -> str:
         lines.append(f"  inner tensors: {probe['method']}; its logits differ from the artifact's by at most "
                      f"{probe['max_abs_error_to_artifact']:.3g}" + ("" if probe["reproduces_artifact"] else
                                                                    " — NOT the artifact's: figures describe the re-lowered program"))
+    if row.get("latency_missing"):
+        lines.append(f"  {row['latency_missing']}")
     if row.get("no_figure"):
         lines.append(f"  no figure (–) for {', '.join(row['no_figure'])}: {next(iter(row['no_figure'].values()))}")
     advice = row.get("advice")

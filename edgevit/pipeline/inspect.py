@@ -1,12 +1,23 @@
-"""The inspect flow: ``edgevit inspect BUNDLE …`` — where an artifact's error comes from, block by
-block. Each bundle's artifact runs in its runtime on the same images as the PyTorch model it was
-exported from (its checkpoint, recorded in the manifest), and the output of every module at the
-chosen depth is compared, in graph order, under the module's own name in every runtime — so
-bundles of one model (int8 beside fp16, ONNX beside TensorRT-ready ONNX) line up row by row.
+"""The inspect flow: ``edgevit inspect BUNDLE …`` — where an artifact's error (and, with
+``latency``, its time) comes from, block by block. Each bundle's artifact runs in its runtime on
+the same images as the PyTorch model it was exported from (its checkpoint, recorded in the
+manifest), and the output of every module at the chosen depth is compared, in graph order, under
+the module's own name in every runtime — so bundles of one model (ONNX int8 beside ExecuTorch
+int8, fp16 beside fp32) line up row by row. Where the error jumps in an int8 bundle, the bundle is
+exported again with that block float and the change is measured (the advice).
 
-Inner tensors come from runtimes that expose them (``Session.intermediates``): onnxruntime, for
-the ``onnx`` and ``tensorrt`` (TensorRT-ready ONNX) targets, where each module's output tensor is
-found by the exporter's scope names (``edgevit.quant.onnx_graph.module_boundaries``).
+Inner tensors, by target:
+- ``onnx``, ``tensorrt`` (TensorRT-ready ONNX): each module's output tensor, found by the
+  exporter's scope names (:func:`edgevit.quant.onnx_graph.module_boundaries`), added as a graph
+  output in onnxruntime (``Session.intermediates``);
+- ``executorch``: the program the .pte was lowered from, made again from the recipe (int8: the
+  manifest's spec on its calibration images) and lowered with the boundaries as extra outputs
+  (:mod:`edgevit.targets.executorch.probe`), checked to give the artifact's logits;
+- ``coreml``: the bundle's numerics pre-check, block by block
+  (:mod:`edgevit.targets.coreml.inspection`); the artifact itself gives the logits where Core ML runs.
+
+Per-block time (:mod:`edgevit.profile.layers`): each runtime times the prefix of the graph that
+ends at each block; a block's time is what its prefix adds.
 """
 from __future__ import annotations
 
