@@ -436,27 +436,13 @@ def inspect_command(bundles, data, images, depth, latency, threads, runs, advice
                                 for r in result["bundles"]))
     console.print(table)
     if latency:
-        console.print(_latency_table(result))
+        from edgevit.profile.layers import block_time_table
+
+        console.print(block_time_table(
+            f"{result['model']}: time per block, ms (p50 of each prefix less the block it reads from)", result["modules"],
+            {f"{Path(row['bundle']).name}\n{row['runtime']}": row.get("latency") for row in result["bundles"]}))
     for row in result["bundles"]:
         console.print(_inspect_summary(row), highlight=False)
-
-
-def _latency_table(result: dict) -> Table:
-    """Milliseconds per block, a column per bundle, rows aligned by module name; each column's
-    sum beside the p50 of the whole artifact measured in the same call."""
-    table = Table(title=f"{result['model']}: time per block, ms (p50 of each prefix less the block it reads from)",
-                  box=box.SIMPLE_HEAD)
-    table.add_column("block")
-    timed = [row.get("latency") for row in result["bundles"]]
-    for row in result["bundles"]:
-        table.add_column(f"{Path(row['bundle']).name}\n{row['runtime']}", justify="right")
-    rows = [({**t["blocks"], **t["other_ms"]} if t else None) for t in timed]
-    others = list(dict.fromkeys(key for t in timed if t for key in t["other_ms"]))
-    for module in [*result["modules"], *others]:
-        table.add_row(module, *(f"{ms[module]:.3f}" if ms and module in ms else "–" for ms in rows))
-    table.add_row("sum", *("–" if not t else f"{t['total_ms']:.3f}" for t in timed))
-    table.add_row("p50, whole artifact", *("–" if not t else f"{t['p50_ms']:.3f}" for t in timed))
-    return table
 
 
 def _inspect_summary(row: dict) -> str:

@@ -40,7 +40,7 @@ from edgevit.models.checkpoints import file_sha256
 from edgevit.pipeline.evaluate import artifact_session
 from edgevit.pipeline.export import Progress
 from edgevit.profile import layers
-from edgevit.quant.onnx_graph import floors_at_zero, module_boundaries
+from edgevit.quant.onnx_graph import OnnxGraph, floors_at_zero, module_boundaries
 from edgevit.training import load_eval_model
 from edgevit.verify import block_figures, compare_outputs, first_jump, verification_batch
 
@@ -134,7 +134,8 @@ def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, depl
     target, int8 = manifest["target"], manifest["precision"] == "int8"
     # Advice measures a re-export in its runtime: Core ML's runs on macOS only, so not there.
     advice = request.advice and target in ADVISED_TARGETS
-    quant = _rebuilt_spec(manifest, deploy.cfg, step) if int8 and (advice or target in ("executorch", "coreml")) else None
+    # ExecuTorch and Core ML read inner tensors from the int8 program made again; ONNX needs it only for advice.
+    quant = _rebuilt_spec(manifest, deploy.cfg, step) if int8 and target in ("executorch", "coreml") else None
     row: dict[str, Any] = {"bundle": str(bundle), "target": target, "precision": manifest["precision"]}
     if target == "coreml":
         values, row["precheck"], artifact_logits, runs_in = _coreml_values(artifact, manifest, deploy, order, images, quant)
@@ -164,6 +165,7 @@ def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, depl
     if request.latency and "latency" not in row:
         row["latency_missing"] = f"no per-block time: {runs_in}"
     if advice and int8 and jump is not None:
+        quant = quant or _rebuilt_spec(manifest, deploy.cfg, step)
         row["advice"] = _float_module_advice(manifest, quant, order[jump], images, logits, output, step)
     return row
 
@@ -228,12 +230,14 @@ def _onnx_values(artifact: Path, session, order: list[str], reference: dict[str,
     """Each module's output tensor, found by the exporter's scope names, added as a graph output."""
     import onnx
 
-    graph = onnx.load(str(artifact), load_external_data=False)
-    tensors = module_boundaries(graph, order)
+    model = onnx.load(str(artifact), load_external_data=False)
+    tensors = module_boundaries(model, order)
     values = session.intermediates(images.numpy(), sorted(set(tensors.values())))
     found = {name: values[tensor] for name, tensor in tensors.items()}
     # A conv output whose ReLU was folded into its int8 range is never held unclipped: no figure.
-    folded = [name for name, tensor in tensors.items() if reference[name].min() < 0 and floors_at_zero(graph, tensor)]
+    graph = OnnxGraph(model)
+    folded = [name for name, tensor in tensors.items()
+              if reference[name].min() < 0 and floors_at_zero(model, tensor, graph)]
     return {name: value for name, value in found.items() if name not in folded}, {"tensors": tensors}
 
 

@@ -132,7 +132,7 @@ def onnxruntime_block_ms(artifact: Path, modules: list[str], threads: int, runs:
         for index, name in enumerate(order, 1):
             if program_of[name] not in paths:
                 paths[program_of[name]] = Path(tmp) / f"prefix-{index}.onnx"
-                onnx.save(prefix_model(model, found[name]), str(paths[program_of[name]]))
+                onnx.save(prefix_model(model, found[name], graph), str(paths[program_of[name]]))
         benches = {key: runtimes.load("onnxruntime", path, threads=threads).bench for key, path in paths.items()}
         upstream = {name: graph.ancestors(found[name]) for name in order}
         return _prefix_differences(order, program_of, lambda name, earlier: found[earlier] in upstream[name],
@@ -250,23 +250,13 @@ def comparison_tables(document: dict) -> list:
     blocks = document.get("layer_blocks") or []
     tables = []
     measured = {f"{m['runtime']} ms": m["layers"]["per_block"] for m in profiled if m["layers"].get("per_block")}
-    columns = {column: {**result["blocks"], **result["other_ms"]} for column, result in measured.items()}
-    if document.get("layer_estimate_ms"):
-        columns["roofline estimate ms"] = sum_to_blocks(document["layer_estimate_ms"], blocks)
+    estimates = ({"roofline estimate ms": sum_to_blocks(document["layer_estimate_ms"], blocks)}
+                 if document.get("layer_estimate_ms") else {})
+    columns = {**measured, **estimates}
     missing = [f"{m['runtime']}: {m['layers']['per_block_missing']}" for m in profiled if m["layers"].get("per_block_missing")]
     if columns:
-        table = Table(title=f"{document['model']}: time per run in each block (depth {document.get('layer_depth')}, "
-                            "module names)", box=box.SIMPLE_HEAD)
-        table.add_column("module")
-        for column in columns:
-            table.add_column(column, justify="right")
-        rows = [name for name in blocks if any(name in values for values in columns.values())]
-        rows += sorted({key for values in columns.values() for key in values} - set(blocks))
-        for key in rows:
-            table.add_row(key, *(f"{values[key]:.3f}" if key in values else "–" for values in columns.values()))
-        table.add_row("sum", *(f"{sum(values.values()):.3f}" for values in columns.values()))
-        table.add_row("p50, same call", *(f"{measured[c]['p50_ms']:.3f}" if c in measured else "–" for c in columns))
-        tables.append(table)
+        tables.append(block_time_table(f"{document['model']}: time per run in each block (depth "
+                                       f"{document.get('layer_depth')}, module names)", blocks, measured, estimates))
     tables += missing
     ops = {f"{m['runtime']} ms": m["layers"]["ops"] for m in profiled}
     if ops:
@@ -280,3 +270,27 @@ def comparison_tables(document: dict) -> list:
             table.add_row(key, *(f"{values[key]:.3f}" if key in values else "–" for values in ops.values()))
         tables.append(table)
     return tables
+
+
+def block_time_table(title: str, blocks: list[str], measured: dict[str, dict[str, Any] | None],
+                     estimates: dict[str, dict[str, float]] | None = None):
+    """Milliseconds per block, one column per runtime (``measured``: header → a ``*_block_ms``
+    result, None where that runtime has none) and per estimate, rows aligned by module name in
+    ``blocks``' order, then each column's sum and its whole artifact's p50, timed in the same call."""
+    from rich import box
+    from rich.table import Table
+
+    columns = {header: ({**result["blocks"], **result["other_ms"]} if result else {}) for header, result in measured.items()}
+    columns |= estimates or {}
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table.add_column("module")
+    for header in columns:
+        table.add_column(header, justify="right")
+    rows = [name for name in blocks if any(name in values for values in columns.values())]
+    rows += sorted({key for values in columns.values() for key in values} - set(blocks))
+    for key in rows:
+        table.add_row(key, *(f"{values[key]:.3f}" if key in values else "–" for values in columns.values()))
+    table.add_row("sum", *(f"{sum(values.values()):.3f}" if values else "–" for values in columns.values()))
+    table.add_row("p50, whole artifact",
+                  *(f"{measured[header]['p50_ms']:.3f}" if measured.get(header) else "–" for header in columns))
+    return table

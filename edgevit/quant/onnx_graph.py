@@ -271,11 +271,12 @@ def module_boundaries(model, modules: list[str]) -> dict[str, str]:
     return found
 
 
-def floors_at_zero(model, tensor: str) -> bool:
+def floors_at_zero(model, tensor: str, graph: OnnxGraph | None = None) -> bool:
     """Whether ``tensor`` comes out of a DequantizeLinear whose zero point is its integer type's
     lowest value, so it holds no negative values: the quantizer folded a ReLU after it into its
-    range (a conv's output, before its ReLU, then exists in the int8 graph only clipped)."""
-    graph = OnnxGraph(model)
+    range (a conv's output, before its ReLU, then exists in the int8 graph only clipped).
+    ``graph``: ``OnnxGraph(model)``, when the caller asks of several tensors."""
+    graph = graph or OnnxGraph(model)
     node = graph.producer.get(tensor)
     if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
         return False
@@ -285,12 +286,13 @@ def floors_at_zero(model, tensor: str) -> bool:
     return bool(np.all(zero_point == np.iinfo(zero_point.dtype).min))
 
 
-def prefix_model(model, tensor: str):
+def prefix_model(model, tensor: str, graph: OnnxGraph | None = None):
     """The part of ``model`` that computes ``tensor``, with ``tensor`` its only output: the nodes it
-    needs, in order, and their initializers (what ``inspect --latency`` times block by block)."""
+    needs, in order, and their initializers (what ``inspect --latency`` times block by block).
+    ``graph``: ``OnnxGraph(model)``, when the caller cuts several prefixes."""
     import onnx
 
-    graph = OnnxGraph(model)
+    graph = graph or OnnxGraph(model)
     needed = graph.ancestors(tensor)
     cut = onnx.ModelProto()
     cut.CopyFrom(model)

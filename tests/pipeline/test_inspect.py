@@ -8,12 +8,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from edgevit.cli import main
 from edgevit.pipeline.inspect import InspectRequest, inspect
 from edgevit.pipeline.quantize import QuantizeRequest, quantize_model
-from tests.reference_data import reference_state_dict
+from tests.reference_data import reference_state_dict, write_as_published
 from tests.test_cli import assert_one_line_error
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install -e '.[onnx]')")
@@ -46,9 +45,9 @@ def _checkpoint(folder, model: str, fault: bool):
             weight[0] /= OUTLIER
         else:
             weight[:, 0] /= OUTLIER
-    path = folder / f"{model}-{'faulty' if fault else 'clean'}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
+    directory = folder / f"{model}-{'faulty' if fault else 'clean'}"
+    directory.mkdir(exist_ok=True)
+    return write_as_published(stem, directory, state)
 
 
 @pytest.fixture(scope="module")

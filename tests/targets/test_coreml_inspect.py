@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 pytest.importorskip("coremltools", reason="the coreml extra is not installed (pip install -e '.[coreml]')")
 
@@ -25,7 +24,7 @@ from edgevit.models.capture import module_outputs  # noqa: E402
 from edgevit.targets.coreml.inspection import precheck_block_outputs  # noqa: E402
 from edgevit.training import load_eval_model  # noqa: E402
 from edgevit.verify import block_figures, compare_outputs, first_jump, verification_batch  # noqa: E402
-from tests.reference_data import reference_state_dict  # noqa: E402
+from tests.reference_data import reference_state_dict, write_as_published  # noqa: E402
 
 MODEL, STEM, FAULTY = "levit_128s", "timm__levit_128s", "stages.1"
 FAULTY_WEIGHT = FAULTY + ".blocks.0.mlp.ln2.linear.weight"
@@ -40,9 +39,9 @@ def _checkpoint(folder, fault: bool):
     if fault:
         state[FAULTY_WEIGHT] = state[FAULTY_WEIGHT].clone()
         state[FAULTY_WEIGHT][:, 0] *= 300
-    path = folder / f"{'faulty' if fault else 'clean'}.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
+    directory = folder / ("faulty" if fault else "clean")
+    directory.mkdir(exist_ok=True)
+    return write_as_published(STEM, directory, state)
 
 
 @pytest.fixture(scope="module")
