@@ -423,7 +423,8 @@ def inspect_command(bundles, data, images, depth, latency, threads, runs, advice
                         f"depth {depth}); cos · SQNR dB · max rel err", box=box.SIMPLE_HEAD)
     table.add_column("block")
     for row in result["bundles"]:
-        table.add_column(f"{Path(row['bundle']).name}\n{row['target']} {row['precision']}", justify="right")
+        against = "\nvs its QAT program" if row["reference_kind"] == "qat" else ""
+        table.add_column(f"{Path(row['bundle']).name}\n{row['target']} {row['precision']}{against}", justify="right")
     for module in result["modules"]:
         cells = []
         for row in result["bundles"]:
@@ -450,13 +451,16 @@ def _inspect_summary(row: dict) -> str:
     name = Path(row["bundle"]).name
     lines = [f"{name}: " + (f"first jump at {row['first_jump']}" if row["first_jump"] else "no block where the error jumps")
              + f" ({row['runtime']})"]
+    if row["reference_kind"] != "float":
+        lines.append(f"  compared with {row['reference']}")
     probe = row.get("probe")
     if probe:
         lines.append(f"  inner tensors: {probe['method']}; its logits differ from the artifact's by at most "
                      f"{probe['max_abs_error_to_artifact']:.3g}" + ("" if probe["reproduces_artifact"] else
                                                                    " — NOT the artifact's: figures describe the re-lowered program"))
-    if row.get("latency_missing"):
-        lines.append(f"  {row['latency_missing']}")
+    for missing in ("latency_missing", "advice_missing"):
+        if row.get(missing):
+            lines.append(f"  {row[missing]}")
     if row.get("no_figure"):
         lines.append(f"  no figure (–) for {', '.join(row['no_figure'])}: {next(iter(row['no_figure'].values()))}")
     advice = row.get("advice")

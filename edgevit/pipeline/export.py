@@ -24,6 +24,7 @@ from edgevit.core import bundle as bundles
 from edgevit.core.errors import EdgevitError
 from edgevit.core.host import host_isa
 from edgevit.models import get_model_cfg, to_deploy
+from edgevit.models.checkpoints import file_sha256
 from edgevit.quant.calibration import Calibration, split_held_out
 from edgevit.quant.spec import QuantSpec
 from edgevit.targets import get_target
@@ -161,10 +162,23 @@ def export_model(request: ExportRequest, progress: Progress | None = None) -> Ex
         if quant is not None:
             manifest["quantization"] = quant.summary() | {"reference": "QAT int8 program (PyTorch)"
                                                           if qat_program is not None else "fp32 eval model"}
+            if quant.qat_state:
+                manifest["quantization"]["qat_program"] = _keep_qat_program(quant.qat_state, staging)
         bundles.write_manifest(staging, manifest)
         step(f"writing {bundle}")
         bundles.place(staging, bundle)
     return ExportOutcome(artifact=bundle / result.path.name, bundle=bundle, manifest=manifest, seconds=seconds)
+
+
+def _keep_qat_program(state: dict[str, torch.Tensor], folder: Path) -> dict[str, Any]:
+    """The QAT program's trained state, written beside the artifact: the program the artifact
+    answers to exists nowhere else, and ``edgevit inspect`` makes it again from this file."""
+    from edgevit.quant.qat import PROGRAM_STATE_FILE, write_program_state
+
+    path = folder / PROGRAM_STATE_FILE
+    write_program_state(state, path)
+    return {"file": PROGRAM_STATE_FILE, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+            "holds": "the batch-1 QAT graph's trained weights, fake-quant scales and ranges (safetensors)"}
 
 
 def _reference_outputs(qat_program, float_model: nn.Module, example: torch.Tensor) -> np.ndarray:

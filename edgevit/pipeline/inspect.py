@@ -6,6 +6,11 @@ the module's own name in every runtime — so bundles of one model (ONNX int8 be
 int8, fp16 beside fp32) line up row by row. Where the error jumps in an int8 bundle, the bundle is
 exported again with that block float and the change is measured (the advice).
 
+The PyTorch side is the float deploy model, except for QAT bundles: a QAT artifact answers to its
+QAT int8 program (what its export verified it against), made again from the trained state the
+bundle keeps (:func:`edgevit.quant.qat.program_from_state`), its module boundaries read as
+ExecuTorch's are (:func:`edgevit.quant.pt2e.boundary_outputs`).
+
 Inner tensors, by target:
 - ``onnx``, ``tensorrt`` (TensorRT-ready ONNX): each module's output tensor, found by the
   exporter's scope names (:func:`edgevit.quant.onnx_graph.module_boundaries`), added as a graph
@@ -81,14 +86,21 @@ def inspect(request: InspectRequest, progress: Progress | None = None) -> dict[s
                            f"{deepest} parts")
     images = _images(request, model.cfg)
     step(f"running PyTorch on {len(images)} images")
-    reference, order = _module_outputs(deploy, modules, images)
+    float_blocks, order = _module_outputs(deploy, modules, images)
     with torch.no_grad():
-        logits = deploy(images).numpy()
+        float_reference = Reference("float", FLOAT_REFERENCE, float_blocks, deploy(images).numpy())
+    qat_programs: dict[str, tuple[Any, Reference]] = {}  # by the state's digest: bundles of one QAT run share it
     rows = []
     for bundle, bundle_manifest, artifact in opened:
+        quant, reference = None, float_reference
+        if (bundle_manifest.get("quantization") or {}).get("mode") == "qat":
+            digest = bundle_manifest["quantization"]["qat_program"]["sha256"]
+            if digest not in qat_programs:
+                qat_programs[digest] = _qat_program(bundle, bundle_manifest, deploy, modules, images, step)
+            quant, reference = qat_programs[digest]
         step(f"running {bundle.name} in its runtime")
-        rows.append(_inspect_bundle(bundle, bundle_manifest, artifact, deploy, order, reference, images, logits, step,
-                                    request))
+        rows.append(_inspect_bundle(bundle, bundle_manifest, artifact, deploy, order, reference, images, step, request,
+                                    quant))
     return {"model": manifest["model"]["name"], "checkpoint": manifest["checkpoint"]["source"], "depth": request.depth,
             "images": len(images), "image_source": request.data or "synthetic (uniform 8-bit pixels, the model's normalisation)",
             "modules": order, "bundles": rows}
@@ -103,13 +115,59 @@ def _open(path: Path) -> tuple[Path, dict[str, Any], Path]:
         raise EdgevitError(f"{found.parent.name} was exported with random weights: there is no PyTorch model to "
                            "compare it with; export it with --weights")
     if (manifest.get("quantization") or {}).get("mode") == "qat":
-        raise EdgevitError(f"{found.parent.name} is QAT: it answers to the QAT int8 program, which the bundle does "
-                           "not keep; inspect compares with the float model and cannot judge it")
+        _qat_program_file(found.parent, manifest)
     source = Path(manifest["checkpoint"]["source"])
     if not source.is_file() or file_sha256(source) != manifest["checkpoint"]["sha256"]:
         raise EdgevitError(f"{found.parent.name} was exported from {source}, which is not here (or changed since); "
                            "inspect needs that checkpoint for the PyTorch side")
     return found.parent, manifest, found.parent / manifest["artifact"]["file"]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a bundle's blocks are compared with: its PyTorch program's module outputs and logits."""
+
+    kind: str  # "float" or "qat"
+    name: str
+    blocks: dict[str, np.ndarray]
+    logits: np.ndarray
+
+
+FLOAT_REFERENCE = "the fp32 deploy model (PyTorch)"
+QAT_REFERENCE = "the QAT int8 program (PyTorch), made again from the bundle's {file}"
+
+
+def _qat_program_file(bundle: Path, manifest: dict[str, Any]) -> Path:
+    """The QAT bundle's trained-state file, checked against its manifest's digest."""
+    record = manifest["quantization"].get("qat_program")
+    if not record:
+        raise EdgevitError(f"{bundle.name} is QAT and keeps no qat_program (it was written before bundles kept one): "
+                           "its artifact answers to the QAT int8 program, which inspect makes from that file; export "
+                           "it again with  edgevit quantize … --mode qat")
+    path = bundle / record["file"]
+    if not path.is_file() or file_sha256(path) != record["sha256"]:
+        state = "missing" if not path.is_file() else "not the file its manifest records (changed since export)"
+        raise EdgevitError(f"{bundle.name}'s {record['file']} is {state}; inspect makes the QAT program from it: "
+                           "export the bundle again")
+    return path
+
+
+def _qat_program(bundle: Path, manifest: dict[str, Any], deploy: torch.nn.Module, modules: list[str],
+                 images: torch.Tensor, step: Progress):
+    """The bundle's QAT int8 program made again from the state it keeps, as (its spec, its outputs
+    on ``images`` at every module boundary)."""
+    from edgevit.quant import pt2e
+    from edgevit.quant.qat import program_from_state, read_program_state
+    from edgevit.quant.spec import QuantSpec
+
+    path = _qat_program_file(bundle, manifest)
+    step(f"making the QAT int8 program again from {bundle.name}/{path.name}")
+    spec = QuantSpec.from_summary(manifest["quantization"], qat_state=read_program_state(path))
+    spec = spec.with_changes(qat_model=program_from_state(deploy, tuple(deploy.cfg.input_size), spec))
+    step(f"running the QAT program on {len(images)} images")
+    blocks = pt2e.boundary_outputs(spec.qat_model, images, modules)
+    logits = pt2e.run_graph(spec.qat_model, images).numpy()
+    return spec, Reference("qat", QAT_REFERENCE.format(file=path.name), blocks, logits)
 
 
 def _images(request: InspectRequest, cfg) -> torch.Tensor:
@@ -129,21 +187,26 @@ def _module_outputs(deploy: torch.nn.Module, modules: list[str], images: torch.T
 
 
 def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, deploy: torch.nn.Module,
-                    order: list[str], reference: dict[str, np.ndarray], images: torch.Tensor, logits: np.ndarray,
-                    step: Progress, request: InspectRequest) -> dict[str, Any]:
+                    order: list[str], reference: Reference, images: torch.Tensor, step: Progress,
+                    request: InspectRequest, quant=None) -> dict[str, Any]:
+    """One bundle's row; ``quant``: its int8 spec where the caller made it already (QAT)."""
     target, int8 = manifest["target"], manifest["precision"] == "int8"
-    # Advice measures a re-export in its runtime: Core ML's runs on macOS only, so not there.
-    advice = request.advice and target in ADVISED_TARGETS
+    qat = quant is not None and quant.mode == "qat"
+    # Advice measures a re-export in its runtime: Core ML's runs on macOS only, so not there; a QAT
+    # program with a block float is another QAT run, not a re-export.
+    advice = request.advice and target in ADVISED_TARGETS and not qat
     # ExecuTorch and Core ML read inner tensors from the int8 program made again; ONNX needs it only for advice.
-    quant = _rebuilt_spec(manifest, deploy.cfg, step) if int8 and target in ("executorch", "coreml") else None
-    row: dict[str, Any] = {"bundle": str(bundle), "target": target, "precision": manifest["precision"]}
+    if quant is None and int8 and target in ("executorch", "coreml"):
+        quant = _rebuilt_spec(manifest, deploy.cfg, step)
+    row: dict[str, Any] = {"bundle": str(bundle), "target": target, "precision": manifest["precision"],
+                           "reference_kind": reference.kind, "reference": reference.name}
     if target == "coreml":
         values, row["precheck"], artifact_logits, runs_in = _coreml_values(artifact, manifest, deploy, order, images, quant)
     else:
         session, runs_in = _artifact_session(artifact, manifest)
         artifact_logits = session.run(images.numpy())
         if artifact.suffix == ".onnx":
-            values, row["onnx"] = _onnx_values(artifact, session, order, reference, images)
+            values, row["onnx"] = _onnx_values(artifact, session, order, reference.blocks, images)
             if request.latency:
                 step(f"timing {bundle.name} block by block ({len(order)} prefixes of its graph)")
                 row["latency"] = layers.onnxruntime_block_ms(artifact, order, _threads(request), request.runs)
@@ -155,8 +218,9 @@ def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, depl
         else:
             raise MissingBackend(f"{bundle.name}: inspect reads inner tensors of ONNX graphs (onnx and TensorRT-ready), "
                                  f"ExecuTorch programs and Core ML pre-checks; not {artifact.suffix} artifacts")
-    output = compare_outputs(logits, artifact_logits)
-    blocks = {name: (block_figures(reference[name], values[name]) if name in values else None) for name in order}
+    output = compare_outputs(reference.logits, artifact_logits)
+    blocks = {name: (block_figures(reference.blocks[name], values[name]) if name in values and name in reference.blocks
+                     else None) for name in order}
     if any(figures is None for figures in blocks.values()):
         row["no_figure"] = {name: NO_FIGURE for name, figures in blocks.items() if figures is None}
     jump = first_jump([figures["sqnr_db"] if figures else None for figures in blocks.values()])
@@ -166,7 +230,11 @@ def _inspect_bundle(bundle: Path, manifest: dict[str, Any], artifact: Path, depl
         row["latency_missing"] = f"no per-block time: {runs_in}"
     if advice and int8 and jump is not None:
         quant = quant or _rebuilt_spec(manifest, deploy.cfg, step)
-        row["advice"] = _float_module_advice(manifest, quant, order[jump], images, logits, output, step)
+        row["advice"] = _float_module_advice(manifest, quant, order[jump], images, reference.logits, output, step)
+    elif qat and jump is not None and request.advice:
+        row["advice_missing"] = (f"no measured advice: {order[jump]} float in a QAT program is another QAT run "
+                                 f"(edgevit quantize {manifest['model']['name']} --mode qat --float-modules "
+                                 f"{order[jump]} …), not a re-export")
     return row
 
 
@@ -237,7 +305,7 @@ def _onnx_values(artifact: Path, session, order: list[str], reference: dict[str,
     # A conv output whose ReLU was folded into its int8 range is never held unclipped: no figure.
     graph = OnnxGraph(model)
     folded = [name for name, tensor in tensors.items()
-              if reference[name].min() < 0 and floors_at_zero(model, tensor, graph)]
+              if name in reference and reference[name].min() < 0 and floors_at_zero(model, tensor, graph)]
     return {name: value for name, value in found.items() if name not in folded}, {"tensors": tensors}
 
 

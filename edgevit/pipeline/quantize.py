@@ -125,7 +125,8 @@ def quantize_model(request: QuantizeRequest, progress: Progress | None = None) -
             result = run_qat(to_deploy(eval_model), data, spec.calibration, spec, epochs=request.qat_epochs, lr=request.qat_lr)
         outcome.qat, outcome.qat_result = result.figures, result
         outcome.export = export_model(dataclasses.replace(
-            base, quant=spec.with_changes(qat_model=result.converted_model), float_model=result.fine_tuned_float_model,
+            base, quant=spec.with_changes(qat_model=result.converted_model, qat_state=result.program_state),
+            float_model=result.fine_tuned_float_model,
             extra_float_modules=()), progress)
         return outcome
 

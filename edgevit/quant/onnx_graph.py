@@ -41,12 +41,18 @@ def node_module(node_name: str) -> str:
 def name_nodes_by_module(model) -> None:
     """Give a dynamo-exported graph torchscript-style node and tensor names built from each
     node's ``pkg.torch.onnx.name_scopes`` metadata, so module patterns find its nodes (and
-    survive onnxslim, which drops metadata but names fused nodes after their tensors)."""
+    survive onnxslim, which drops metadata but names fused nodes after their tensors).
+
+    A PT2E program's Quantize/DequantizeLinear nodes have no module scope (the quantizer added
+    them outside the model's forward); one that quantizes an activation takes the module of the
+    value it quantizes, as onnxruntime's quantizer names them, so a module's output is the
+    dequantized value the next block reads."""
     import ast
 
     graph = model.graph
     keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
     renamed: dict[str, str] = {}
+    module_of: dict[str, str] = {}  # tensor → the module of the node that made it
     counts: collections.Counter = collections.Counter()
     for node in graph.node:
         scopes_text = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
@@ -55,6 +61,9 @@ def name_nodes_by_module(model) -> None:
         except (ValueError, SyntaxError):
             scopes = []
         module = scopes[-2] if len(scopes) >= 2 else ""
+        if not module and node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input:
+            module = module_of.get(node.input[0], "")
+        module_of.update((output, module) for output in node.output)
         prefix = "/" + "/".join(module_scopes(module)) + "/" if module else "/"
         base = f"{prefix}{node.op_type}"
         counts[base] += 1

@@ -32,6 +32,7 @@ import functools
 import fnmatch
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -508,6 +509,28 @@ def run_graph(graph_module: torch.fx.GraphModule, batch: torch.Tensor) -> torch.
     """A static-batch-1 graph over a batch, one sample at a time."""
     with torch.no_grad():
         return torch.cat([graph_module(batch[i:i + 1].contiguous()) for i in range(len(batch))])
+
+
+def boundary_outputs(graph_module: torch.fx.GraphModule, images: torch.Tensor, modules: list[str]) -> dict[str, np.ndarray]:
+    """Each of ``modules``' boundary value (:func:`boundary_nodes`) in a static-batch-1 graph over
+    ``images``, in graph order (module name → float32 array, batch first)."""
+    names_of: dict[torch.fx.Node, list[str]] = {}  # a module and its last child can end on one node
+    for name, node in boundary_nodes(graph_module, modules).items():
+        names_of.setdefault(node, []).append(name)
+    order = [name for node in graph_module.graph.nodes for name in names_of.get(node, [])]
+    found: dict[str, list[np.ndarray]] = {name: [] for name in order}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node: torch.fx.Node) -> Any:
+            value = super().run_node(node)
+            if node in names_of and isinstance(value, torch.Tensor):
+                for name in names_of[node]:
+                    found[name].append(value.detach().float().numpy().copy())
+            return value
+
+    for i in range(len(images)):
+        Recorder(graph_module).run(images[i:i + 1].contiguous())
+    return {name: np.concatenate(found[name]) for name in order if len(found[name]) == len(images)}
 
 
 def boundary_nodes(graph_module: torch.fx.GraphModule, modules: list[str]) -> dict[str, torch.fx.Node]:

@@ -5,7 +5,10 @@ ranges (then frozen), :func:`edgevit.training.fine_tune` trains the weights, and
 
 The training graph has a static batch (the training batch size) and the targets need batch 1, so
 the trained state (weights, fake-quant scales and ranges) is loaded into the same graph exported
-at batch 1 before it is converted. Targets use the result as follows:
+at batch 1 before it is converted (:func:`program_from_state`). That state is all the int8
+program is made of besides the architecture, so a bundle keeps it (:func:`write_program_state`,
+safetensors) and ``edgevit inspect`` makes the program again from it. Targets use the result as
+follows:
 
 - ExecuTorch lowers ``converted_model`` and Core ML (W8A8) converts it, as they are
   (``QuantSpec.qat_model``);
@@ -18,6 +21,7 @@ at batch 1 before it is converted. Targets use the result as follows:
 from __future__ import annotations
 
 import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -31,10 +35,17 @@ from edgevit.quant import pt2e
 from edgevit.quant.spec import QuantSpec
 
 
+# The file in a QAT bundle that holds its program's trained state.
+PROGRAM_STATE_FILE = "qat_program.safetensors"
+
+
 @dataclass
 class QatResult:
     converted_model: torch.fx.GraphModule  # PT2E int8 program, batch 1 (QuantSpec.qat_model)
     fine_tuned_float_model: nn.Module  # deploy form with the fine-tuned float weights
+    # The batch-1 QAT graph's trained state (QuantSpec.qat_state): program_from_state makes
+    # converted_model again from it.
+    program_state: dict[str, torch.Tensor] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,23 +104,59 @@ def run_qat(
         progress=progress, train_mode=move_exported_model_to_train, eval_mode=move_exported_model_to_eval)
 
     # The same graph at batch 1, with the trained state, converted.
-    single, _ = pt2e.prepare(model, torch.zeros(1, *shape), qat_spec, qat=True)
-    try:
-        single.load_state_dict(prepared.state_dict())
-    except RuntimeError as exc:
-        raise EdgevitError(f"the batch-1 QAT graph differs from the training graph ({str(exc).splitlines()[0]}); "
-                           "the model's graph depends on its batch size") from None
-    move_exported_model_to_eval(single)
-    converted = pt2e.convert(single)
-    details = pt2e.quantizer_details(qat_spec, plan, qat=True)
-    converted.edgevit_quantization = details  # read by pt2e.quantize for mode "qat"
+    state = {name: tensor.detach().clone() for name, tensor in prepared.state_dict().items()}
+    converted = program_from_state(deploy_model, shape, qat_spec.with_changes(qat_state=state), made_from="the training graph")
     float_model = _with_trained_weights(deploy_model, prepared)
     figures["seconds"] = round(time.perf_counter() - clock, 1)
-    figures["quantization"] = details
+    figures["quantization"] = converted.edgevit_quantization
 
     if eval_data is not None:
         figures["eval"] = _evaluate(deploy_model, float_model, converted, calibration, spec, eval_data)
-    return QatResult(converted, float_model, figures)
+    return QatResult(converted, float_model, state, figures)
+
+
+def program_from_state(deploy_model: nn.Module, input_shape: tuple[int, ...], spec: QuantSpec,
+                       made_from: str = "the bundle's qat_program") -> torch.fx.GraphModule:
+    """The QAT int8 program at batch 1: ``deploy_model``'s QAT graph (norms decomposed, the
+    quantizer of ``spec``: its per-channel, float_ops and float_modules) holding
+    ``spec.qat_state`` (the trained graph's weights, fake-quant scales and ranges), converted.
+    Deterministic: the same state gives the same program, op for op and bit for bit."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    if spec.mode != "qat" or not spec.qat_state:
+        raise EdgevitError("a QAT program is made from a qat spec holding its trained state (QuantSpec.qat_state)")
+    model = decompose_norms(copy.deepcopy(deploy_model)).eval()
+    single, plan = pt2e.prepare(model, torch.zeros(1, *input_shape), spec, qat=True)
+    try:
+        single.load_state_dict(spec.qat_state)
+    except RuntimeError as exc:
+        raise EdgevitError(f"the batch-1 QAT graph of {type(deploy_model).__name__} does not take the state of "
+                           f"{made_from} ({str(exc).splitlines()[0]}); it was trained with another model, quantizer "
+                           "or torch version") from None
+    move_exported_model_to_eval(single)
+    converted = pt2e.convert(single)
+    converted.edgevit_quantization = pt2e.quantizer_details(spec, plan, qat=True)  # read by pt2e.quantize for mode "qat"
+    return converted
+
+
+def write_program_state(state: dict[str, torch.Tensor], path) -> None:
+    """``state`` (:attr:`QatResult.program_state`) as safetensors: tensors only, nothing unpickled
+    when it is read back."""
+    from safetensors.torch import save_file
+
+    # Cloned: safetensors refuses tensors that share storage.
+    save_file({name: tensor.detach().contiguous().clone() for name, tensor in state.items()}, str(path))
+    os.chmod(path, 0o644)  # safetensors writes 0600; the bundle's other files are readable by all
+
+
+def read_program_state(path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise EdgevitError(f"{path} is not a readable QAT program state ({exc}); export the QAT bundle again") from None
 
 
 def _static_batches(images: torch.Tensor, size: int):

@@ -60,10 +60,16 @@ class QuantSpec:
     # mode "qat": the fine-tuned model after PT2E convert (ExecuTorch and Core ML lower it as is,
     # ONNX exports it; TensorRT quantizes the fine-tuned float weights with the same calibration).
     qat_model: Any = field(default=None, compare=False)
+    # mode "qat": the trained state qat_model is made from (edgevit.quant.qat.program_from_state),
+    # which the bundle keeps.
+    qat_state: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         check_choices(self.mode, self.method, self.float_ops)
-        if self.mode in ("static", "qat") and self.calibration is None:
+        # QAT starts its ranges from calibration images; a QAT program made again from its bundle
+        # (its trained state, or the program itself) carries them.
+        needs_images = self.mode == "static" or (self.mode == "qat" and self.qat_model is None and self.qat_state is None)
+        if needs_images and self.calibration is None:
             raise EdgevitError(f"{self.mode} quantization needs calibration images: give --calib-data DIR or --calib-stats FILE")
 
     @property
@@ -81,13 +87,14 @@ class QuantSpec:
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any], calibration: torch.Tensor | None = None,
-                     held_out: torch.Tensor | None = None) -> "QuantSpec":
-        """The spec a manifest's :meth:`summary` records, with its calibration images rebuilt by
-        the caller (static) — how an int8 program is made again from its bundle."""
+                     held_out: torch.Tensor | None = None, qat_state: Any = None) -> "QuantSpec":
+        """The spec a manifest's :meth:`summary` records, with its calibration images (static) or
+        its QAT program's trained state (qat) read by the caller — how an int8 program is made
+        again from its bundle."""
         return cls(mode=summary["mode"], method=summary.get("method") or "minmax", per_channel=summary["per_channel"],
                    float_ops=tuple(summary["float_ops"]), float_modules=tuple(summary["float_modules"]),
                    full_range_weights=summary.get("full_range_weights", 0), calibration=calibration,
-                   held_out=held_out, calibration_summary=summary.get("calibration") or {})
+                   held_out=held_out, calibration_summary=summary.get("calibration") or {}, qat_state=qat_state)
 
     def summary(self) -> dict[str, Any]:
         """For the manifest."""

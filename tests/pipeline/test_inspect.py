@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from edgevit.cli import main
 from edgevit.pipeline.inspect import InspectRequest, inspect
@@ -50,21 +49,6 @@ def _checkpoint(folder, model: str, fault: bool):
     return write_as_published(stem, directory, state)
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from tests.quant.test_pt2e import photo_crops
-    from edgevit.models import get_model_cfg
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("photos")
-    cfg = get_model_cfg("levit_128s")
-    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
-    for i, crop in enumerate(photo_crops(cfg, 8)):
-        pixels = ((crop * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
-    return folder
-
-
 def _bundle(folder, photos, model: str, target: str, fault: bool):
     request = QuantizeRequest(model, target, "static", calib_data=str(photos), weights=str(_checkpoint(folder, model, fault)),
                               out_dir=folder / f"{model}-{target}-{fault}", tolerances=LOOSE)
@@ -76,9 +60,9 @@ def _bundle(folder, photos, model: str, target: str, fault: bool):
 def test_a_planted_outlier_is_the_first_jump(tmp_path, photos, model, target, request):
     if target == "executorch":
         pytest.importorskip("executorch", reason="the executorch extra is not installed")
-        if model not in EXECUTORCH_IN_CI and not request.config.getoption("--every-family"):
+        if model not in EXECUTORCH_IN_CI and not request.config.getoption("--all-executorch"):
             pytest.skip("one to two minutes per family: CI checks ExecuTorch on levit_128s; "
-                        "python3 -m pytest tests/pipeline/test_inspect.py --every-family runs all four")
+                        "python3 -m pytest tests/pipeline/test_inspect.py --all-executorch runs all four")
     block = FAULTS[model][1]
     bundle = _bundle(tmp_path, photos, model, target, fault=True)
     result = inspect(InspectRequest((str(bundle),), data=str(photos), images=4, depth=2, advice=False))

@@ -18,7 +18,9 @@ from edgevit.core.errors import EdgevitError  # noqa: E402
 from edgevit.targets import coreml, executorch, onnx as onnx_target  # noqa: E402
 from edgevit.verify import compare_outputs  # noqa: E402
 from edgevit.quant.pt2e import run_graph  # noqa: E402
-from edgevit.quant.qat import run_qat  # noqa: E402
+from edgevit.quant import pt2e  # noqa: E402
+from edgevit.quant.qat import (PROGRAM_STATE_FILE, program_from_state, read_program_state, run_qat,  # noqa: E402
+                               write_program_state)
 from edgevit.quant.spec import QuantSpec  # noqa: E402
 from edgevit.training import fine_tune  # noqa: E402
 from edgevit import runtimes  # noqa: E402
@@ -89,14 +91,47 @@ def test_qat_model_lowers_to_a_delegated_pte_that_agrees_with_its_float_model(qa
     assert float_correct >= 28 and abs(int8_correct - float_correct) <= 4  # it learned; int8 keeps it
 
 
+def test_the_program_is_made_again_bit_for_bit_from_its_saved_state(qat_result, tmp_path):
+    model, spec, result = qat_result
+    path = tmp_path / PROGRAM_STATE_FILE
+    write_program_state(result.program_state, path)
+    images = load_fashion_mnist("test", model.cfg, limit=8).batch(list(range(8)))[0]
+    # As inspect does it: the manifest's record of the spec, and the file.
+    saved = QuantSpec.from_summary(spec.summary(), qat_state=read_program_state(path))
+    again = program_from_state(model, tuple(model.cfg.input_size), saved)
+    assert torch.equal(run_graph(again, images), run_graph(result.converted_model, images))
+    assert pt2e.qdq_counts(again) == pt2e.qdq_counts(result.converted_model)
+
+    # Another model's state is refused in one line.
+    other = QuantSpec.from_summary(spec.summary(), qat_state={k: v for k, v in result.program_state.items()
+                                                              if not k.startswith("qkv")})
+    with pytest.raises(EdgevitError, match="does not take the state") as raised:
+        program_from_state(model, tuple(model.cfg.input_size), other)
+    assert "\n" not in str(raised.value)
+    (tmp_path / "torn.safetensors").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(EdgevitError, match="not a readable QAT program state"):
+        read_program_state(tmp_path / "torn.safetensors")
+
+
 def test_qat_model_converts_to_a_w8a8_coreml_program(qat_result, tmp_path):
-    _model, spec, result = qat_result
+    model, spec, result = qat_result
     float_model = result.fine_tuned_float_model
     images = load_fashion_mnist("test", float_model.cfg, limit=8).batch(list(range(8)))[0]
     artifact = coreml.export(float_model, images[:1], "int8", COREML, tmp_path, quant=spec)
     assert artifact.details["int8"]["scheme"].startswith("W8A8") and artifact.details["int8"]["int8_weight_tensors"] > 0
     check = coreml.precheck(artifact, float_model, images, "int8")
     assert not check.failures and compare_outputs(check.reference, check.candidate)["cosine"] > 0.98
+
+    # inspect's view of it: each block as the pre-check computes it, from the program made again
+    # from its state; the head's output is the pre-check's own.
+    from edgevit.targets.coreml.inspection import precheck_block_outputs
+
+    again = QuantSpec.from_summary(spec.summary(), qat_state=result.program_state)
+    again = again.with_changes(qat_model=program_from_state(model, tuple(model.cfg.input_size), again))
+    manifest = {"target": "coreml", "precision": "int8", "quantization": spec.summary()}
+    values, note = precheck_block_outputs(artifact.path, manifest, float_model, images, ["stem", "qkv", "head"], again)
+    assert note["variant"] == "w8a8" and list(values) == ["stem", "qkv", "head"]
+    assert np.array_equal(values["head"], check.candidate)
 
 
 def test_qat_model_exports_to_onnx_with_its_trained_scales(qat_result, tmp_path):

@@ -70,11 +70,11 @@ def precheck_block_outputs(artifact: Path, manifest: dict[str, Any], deploy: nn.
             note["weights"] = ("the PT2E int8 program made again from the manifest's quantization spec and "
                                f"calibration images; {_matching_activation_scales(graph, artifact)}")
             with float16_emulation(graph) as rounding:
-                outputs = _graph_outputs(graph, _to_float16_values(images), modules)
+                outputs = pt2e.boundary_outputs(graph, _to_float16_values(images), modules)
         else:
             with quiet():
                 graph = torch.export.export(deploy.eval(), (images[:1].contiguous(),)).run_decompositions({}).module()
-            outputs, rounding = _graph_outputs(graph, images, modules), None
+            outputs, rounding = pt2e.boundary_outputs(graph, images, modules), None
             note["weights"] = "the deploy model's, float32, in the decomposed torch.export program ct.convert takes"
     note["boundaries"] = _BOUNDARIES[variant]
     if rounding is not None and rounding.first_non_finite:
@@ -103,12 +103,12 @@ def _variant(artifact: Path, manifest: dict[str, Any], quant: QuantSpec | None) 
         raise EdgevitError(f"{artifact.name}'s manifest names precision {precision!r}; Core ML bundles are fp32, "
                            "fp16 or int8 — is manifest.json the bundle's own?")
     mode = (manifest.get("quantization") or {}).get("mode")
-    if mode == "qat":
-        raise EdgevitError(f"{artifact.name} is QAT: its int8 program comes from fine-tuning that the bundle does "
-                           "not keep, so its pre-check cannot be made again")
     if quant is None or quant.mode != mode:
         raise EdgevitError(f"{artifact.name} is int8 {mode}: pass its spec, QuantSpec.from_summary(manifest"
                            f"['quantization'], …), not {'None' if quant is None else 'a ' + quant.mode + ' one'}")
+    if mode == "qat" and quant.qat_model is None:
+        raise EdgevitError(f"{artifact.name} is QAT: pass its spec with the program made again from the bundle's "
+                           "qat_program (edgevit.quant.qat.program_from_state)")
     return "w8" if mode == "dynamic" else "w8a8"
 
 
@@ -141,27 +141,6 @@ def _float16_module_outputs(model: nn.Module, images: torch.Tensor, modules: lis
     with float16_emulation(emulated) as rounding, module_outputs(emulated, modules) as outputs:
         emulated(_to_float16_values(images))
     return outputs, rounding
-
-
-def _graph_outputs(graph: torch.fx.GraphModule, images: torch.Tensor, modules: list[str]) -> dict[str, np.ndarray]:
-    """Each module's boundary value in ``graph`` (static batch 1) over ``images``, in graph order."""
-    names_of: dict[torch.fx.Node, list[str]] = {}  # a module and its last child can end on one node
-    for name, node in pt2e.boundary_nodes(graph, modules).items():
-        names_of.setdefault(node, []).append(name)
-    order = [name for node in graph.graph.nodes for name in names_of.get(node, [])]
-    found: dict[str, list[np.ndarray]] = {name: [] for name in order}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node: torch.fx.Node) -> Any:
-            value = super().run_node(node)
-            if node in names_of and isinstance(value, torch.Tensor):
-                for name in names_of[node]:
-                    found[name].append(value.detach().float().numpy().copy())
-            return value
-
-    for i in range(len(images)):
-        Recorder(graph).run(images[i:i + 1].contiguous())
-    return {name: np.concatenate(found[name]) for name in order if len(found[name]) == len(images)}
 
 
 def _package_weights(artifact: Path, deploy: nn.Module, example: torch.Tensor,

@@ -11,6 +11,7 @@ from torch import nn
 
 from edgevit.core.errors import EdgevitError
 from edgevit.core.quiet import quiet
+from edgevit.quant.onnx_graph import name_nodes_by_module, node_module
 from edgevit.targets.base import ExportResult
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -39,14 +40,15 @@ def export(model: nn.Module, example: torch.Tensor, precision: str, options: dic
         options = options | {"exporter": "dynamo", "dynamic_batch": False, "simplify": False,
                              "opset": max(options["opset"], GELU_OPSET)}
         _torch_export(quant.qat_model, example, path, options)
-        int8 = from_pt2e_program(onnx.load(str(path)))
+        graph = onnx.load(str(path))
+        name_nodes_by_module(graph)  # inspect finds each module's output by these names
+        int8 = from_pt2e_program(graph)
         graph, quantization = int8.model, int8.details
     else:
         _torch_export(model, example, path, options)
         graph = onnx.load(str(path))
         if precision == "int8" and options["exporter"] == "dynamo":
             # before onnxslim drops the metadata that says which module each node came from
-            from edgevit.quant.onnx_graph import name_nodes_by_module
             name_nodes_by_module(graph)
         if options["simplify"]:
             graph = _simplify(graph)
@@ -77,7 +79,6 @@ def int8_exactness(result: ExportResult) -> dict[str, Any] | None:
 
 
 def _to_int8(graph, model: nn.Module, quant):
-    from edgevit.quant.onnx_graph import node_module
     from edgevit.targets.onnx.int8 import quantize_onnx
 
     modules = quant.float_module_names(model)
@@ -94,7 +95,6 @@ def _full_range_modules(graph, model: nn.Module, quant, float_modules: list[str]
     graph's weighted nodes that will be quantized."""
     if quant.mode != "static" or not quant.full_range_weights or quant.calibration is None:
         return []
-    from edgevit.quant.onnx_graph import node_module
     from edgevit.targets.onnx.int8 import LINEAR_OPS
     from edgevit.quant.sensitivity import layer_sensitivity, pair_safe_fake_quant_weight
 
