@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from edgevit.core.datafiles import read_json
+from edgevit.core.datafiles import current_umask, read_json
 from edgevit.core.errors import EdgevitError
 
 MANIFEST_NAME = "manifest.json"
@@ -47,7 +47,7 @@ def staging(out_dir: Path, tag: str = "") -> Iterator[Path]:
     unless :func:`place` moved it; first clears what killed processes left."""
     remove_stale_partials(out_dir)
     folder = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-{tag}", dir=out_dir))
-    folder.chmod(0o777 & ~_umask())  # mkdtemp's private 0700 would carry over to the bundle
+    folder.chmod(0o777 & ~current_umask())  # mkdtemp's private 0700 would carry over to the bundle
     try:
         yield folder
     finally:
@@ -112,12 +112,6 @@ def artifact_sha256(path: Path) -> str:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _pid_alive(pid: int) -> bool:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgevit.core.datafiles import write_safetensors
 from edgevit.core.errors import EdgevitError
 
 _METADATA_KEY = "edgevit_calibration"
@@ -31,17 +32,11 @@ class Calibration:
     ranges: dict[str, tuple[float, ...]] = field(default_factory=dict)  # module → RANGE_COLUMNS
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
         names = list(self.ranges)
-        tensors = {"inputs": self.inputs.contiguous(),
+        tensors = {"inputs": self.inputs,
                    "ranges": torch.tensor([self.ranges[n] for n in names], dtype=torch.float64).reshape(-1, len(RANGE_COLUMNS))}
         metadata = {_METADATA_KEY: json.dumps({"summary": self.summary, "modules": names, "columns": RANGE_COLUMNS})}
-        partial = path.with_name(f".{path.name}.partial")
-        save_file(tensors, str(partial), metadata=metadata)
-        partial.replace(path)  # never a half-written stats file under the real name
-        return path
+        return write_safetensors(tensors, path, metadata)
 
 
 def preprocessing_of(cfg) -> dict[str, Any]:

@@ -21,7 +21,6 @@ follows:
 from __future__ import annotations
 
 import copy
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgevit.core.datafiles import write_safetensors
 from edgevit.core.errors import EdgevitError
 from edgevit.models.layers import decompose_norms
 from edgevit.quant import pt2e
@@ -142,11 +142,7 @@ def program_from_state(deploy_model: nn.Module, input_shape: tuple[int, ...], sp
 def write_program_state(state: dict[str, torch.Tensor], path) -> None:
     """``state`` (:attr:`QatResult.program_state`) as safetensors: tensors only, nothing unpickled
     when it is read back."""
-    from safetensors.torch import save_file
-
-    # Cloned: safetensors refuses tensors that share storage.
-    save_file({name: tensor.detach().contiguous().clone() for name, tensor in state.items()}, str(path))
-    os.chmod(path, 0o644)  # safetensors writes 0600; the bundle's other files are readable by all
+    write_safetensors(state, path)
 
 
 def read_program_state(path) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from edgevit.core.datafiles import write_safetensors
 from edgevit.core.errors import EdgevitError
 
 METADATA_KEY = "edgevit_cfg"
@@ -390,8 +391,6 @@ def save_trained(model: nn.Module, path: str | os.PathLike, cfg=None, *, class_n
     Written atomically; under DDP only rank 0 writes (the others return None). For plain edgevit
     models: a PT2E graph's weights have other names.
     """
-    from safetensors.torch import save_file
-
     from edgevit.models import get_model_cfg
 
     if not is_main_process():
@@ -410,17 +409,9 @@ def save_trained(model: nn.Module, path: str | os.PathLike, cfg=None, *, class_n
     metadata = {METADATA_KEY: json.dumps(record)}
     if figures:
         metadata[TRAINING_KEY] = json.dumps(figures, default=str)
-    # Cloned: safetensors refuses tensors that share storage (tied or viewed weights).
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        save_file(tensors, str(partial), metadata=metadata)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return write_safetensors(model.state_dict(), path, metadata)
 
 
 def trained_metadata(path: str | os.PathLike) -> dict[str, Any]:
