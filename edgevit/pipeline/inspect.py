@@ -79,11 +79,14 @@ def inspect(request: InspectRequest, progress: Progress | None = None) -> dict[s
     step(f"loading {manifest['model']['name']} from {manifest['checkpoint']['source']}")
     model, _report = load_eval_model(manifest["model"]["name"], manifest["checkpoint"]["source"])
     deploy = to_deploy(model)
-    modules = [name for name, _ in deploy.named_modules() if name and name.count(".") + 1 == request.depth]
-    if not modules:
-        deepest = max(name.count(".") + 1 for name, _ in deploy.named_modules() if name)
+    names = [name for name, _ in deploy.named_modules()]
+    deepest = max(name.count(".") + 1 for name in names if name)
+    if request.depth > deepest:
         raise EdgevitError(f"--depth {request.depth} is beyond {model.cfg.name}, whose module names have at most "
                            f"{deepest} parts")
+    # The rows profile --layers has: every layer in one block (a childless shallower module, such
+    # as LeViT's merged head at depth 2, is its own block).
+    modules = layers.blocks_at_depth(names, request.depth)
     images = _images(request, model.cfg)
     step(f"running PyTorch on {len(images)} images")
     float_blocks, order = _module_outputs(deploy, modules, images)
