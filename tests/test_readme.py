@@ -72,7 +72,7 @@ COVERAGE: dict[str, Coverage] = {
     "edgevit inspect artifacts/levit_128s-onnx-int8 artifacts/levit_128s-executorch-xnnpack-int8 "
     "artifacts/levit_128s-tensorrt-int8 --data val/ --depth 2": AS_WRITTEN,
     "edgevit inspect artifacts/levit_128s-coreml-ios17-w8a8 --data val/ --depth 2 --no-advice": AS_WRITTEN,
-    "edgevit inspect qat/levit_128s-onnx-int8 --data val/ --depth 2": AS_WRITTEN,
+    "edgevit inspect qat/levit_128s-onnx-int8-qat --data val/ --depth 2": AS_WRITTEN,
     "edgevit export levit_128s --weights levit-fmnist.safetensors --out fp32/": AS_WRITTEN,
     "edgevit export levit_128s --weights levit-fmnist.safetensors --target executorch --out fp32/": AS_WRITTEN,
     "edgevit inspect fp32/levit_128s-onnx-fp32 fp32/levit_128s-executorch-xnnpack-fp32 --latency --json inspect.json":

@@ -271,12 +271,14 @@ def _float_module_advice(manifest: dict[str, Any], quant, block: str, images: to
     recipe, calibration and checkpoint plus ``--float-modules block``, its logits against PyTorch
     on the same images (tolerances reported, not enforced; nothing is kept)."""
     from edgevit.pipeline.export import ExportRequest, export_model
+    from edgevit.targets.recipes import parse_recipe
 
     step(f"exporting {manifest['target']} int8 again with --float-modules {block}, to measure what it changes")
     spec = quant.with_changes(float_modules=tuple(quant.float_modules) + (block,))
+    # The recipe as the manifest records it: a recipe file's or a changed preset's name resolves to nothing.
+    recipe = parse_recipe({k: v for k, v in manifest["recipe"].items() if k != "source"}, source="the bundle's manifest")
     request = ExportRequest(manifest["model"]["name"], target=manifest["target"], weights=manifest["checkpoint"]["source"],
-                            recipe=manifest["recipe"]["name"], options=dict(manifest["recipe"]["options"]), quant=spec,
-                            enforce_fidelity=False)
+                            recipe=recipe, quant=spec, enforce_fidelity=False)
     with tempfile.TemporaryDirectory() as scratch:
         outcome = export_model(dataclasses.replace(request, out_dir=scratch))
         session, _runs_in = _artifact_session(outcome.artifact, outcome.manifest)

@@ -24,6 +24,7 @@ A recipe file::
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,8 @@ def resolve_recipe(recipe: "str | Recipe | None", target: str | None, precision:
 
 
 def _with_mode(recipe: Recipe, mode: str | None) -> Recipe:
+    """``recipe`` in quantization ``mode``; named for it (``onnx-int8`` in qat: ``onnx-int8-qat``, as
+    the shipped ``onnx-int8-dynamic`` is), so its bundle does not replace the preset's."""
     if not mode or recipe.quantization.get("mode") == mode:
         return recipe
-    return recipe.with_changes(quantization={"mode": mode})
+    return dataclasses.replace(recipe.with_changes(quantization={"mode": mode}), name=f"{recipe.name}-{mode}")

@@ -159,3 +159,15 @@ def test_keep_float_until_finds_the_fewest_float_layers():
 
 def test_shipped_presets_parse():
     assert {"onnx-int8", "onnx-int8-dynamic", "executorch-xnnpack-int8", "coreml-ios17-w8a8"} <= set(presets())
+
+
+def test_a_mode_the_preset_lacks_gets_its_own_recipe_and_bundle_name():
+    from edgevit.core.bundle import bundle_name
+
+    # QAT on the static preset must not replace that preset's bundle in the same --out.
+    qat = resolve_recipe(None, "onnx", "int8", mode="qat")
+    assert qat.name == "onnx-int8-qat" and qat.quantization["mode"] == "qat"
+    assert resolve_recipe(None, "onnx", "int8", mode="static").name == "onnx-int8"
+    assert resolve_recipe(None, "onnx", "int8", mode="dynamic").name == "onnx-int8-dynamic"  # a preset of its own
+    assert resolve_recipe(qat, "onnx", "int8", mode="qat") == qat  # resolving again changes nothing
+    assert bundle_name("levit_128s", qat.name, {}) == "levit_128s-onnx-int8-qat"
