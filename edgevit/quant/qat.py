@@ -105,7 +105,8 @@ def run_qat(
 
     # The same graph at batch 1, with the trained state, converted.
     state = {name: tensor.detach().clone() for name, tensor in prepared.state_dict().items()}
-    converted = program_from_state(deploy_model, shape, qat_spec.with_changes(qat_state=state), made_from="the training graph")
+    converted = program_from_state(deploy_model, shape, qat_spec.with_changes(qat_state=state), made_from="the training graph",
+                                   mismatch="the model's graph depends on its batch size")
     float_model = _with_trained_weights(deploy_model, prepared)
     figures["seconds"] = round(time.perf_counter() - clock, 1)
     figures["quantization"] = converted.edgevit_quantization
@@ -116,11 +117,13 @@ def run_qat(
 
 
 def program_from_state(deploy_model: nn.Module, input_shape: tuple[int, ...], spec: QuantSpec,
-                       made_from: str = "the bundle's qat_program") -> torch.fx.GraphModule:
+                       made_from: str = "the bundle's qat_program",
+                       mismatch: str = "it was trained with another model, quantizer or torch version") -> torch.fx.GraphModule:
     """The QAT int8 program at batch 1: ``deploy_model``'s QAT graph (norms decomposed, the
     quantizer of ``spec``: its per-channel, float_ops and float_modules) holding
     ``spec.qat_state`` (the trained graph's weights, fake-quant scales and ranges), converted.
-    Deterministic: the same state gives the same program, op for op and bit for bit."""
+    Deterministic: the same state gives the same program, op for op and bit for bit. ``made_from``
+    and ``mismatch`` word the one-line error for a state that does not fit."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
 
     if spec.mode != "qat" or not spec.qat_state:
@@ -131,8 +134,7 @@ def program_from_state(deploy_model: nn.Module, input_shape: tuple[int, ...], sp
         single.load_state_dict(spec.qat_state)
     except RuntimeError as exc:
         raise EdgevitError(f"the batch-1 QAT graph of {type(deploy_model).__name__} does not take the state of "
-                           f"{made_from} ({str(exc).splitlines()[0]}); it was trained with another model, quantizer "
-                           "or torch version") from None
+                           f"{made_from} ({str(exc).splitlines()[0]}); {mismatch}") from None
     move_exported_model_to_eval(single)
     converted = pt2e.convert(single)
     converted.edgevit_quantization = pt2e.quantizer_details(spec, plan, qat=True)  # read by pt2e.quantize for mode "qat"

@@ -130,7 +130,7 @@ def test_qat_model_converts_to_a_w8a8_coreml_program(qat_result, tmp_path):
     again = again.with_changes(qat_model=program_from_state(model, tuple(model.cfg.input_size), again))
     manifest = {"target": "coreml", "precision": "int8", "quantization": spec.summary()}
     values, note = precheck_block_outputs(artifact.path, manifest, float_model, images, ["stem", "qkv", "head"], again)
-    assert note["variant"] == "w8a8" and list(values) == ["stem", "qkv", "head"]
+    assert note["variant"] == "w8a8" and list(values) == ["stem", "qkv", "head"] and "trained state" in note["weights"]
     assert np.array_equal(values["head"], check.candidate)
 
 

@@ -6,7 +6,7 @@
 - **W8**: the same, with the int8 weights read back from the ``.mlpackage`` itself (coremltools
   loads an ML program's weights without Core ML), dequantized;
 - **W8A8**: the PT2E int8 program made again from the bundle's quantization spec and calibration
-  images, every float op's output rounded to float16; its activation scales are checked against
+  images (QAT: from its trained state), every float op's output rounded to float16; its activation scales are checked against
   the ``.mlpackage``'s quantize ops, so a program that is not the bundle's is refused;
 - **fp32**: the decomposed ``torch.export`` program coremltools converted, in float32.
 
@@ -67,8 +67,10 @@ def precheck_block_outputs(artifact: Path, manifest: dict[str, Any], deploy: nn.
                                "needed) and dequantized; the others the deploy model's, rounded to float16")
         elif variant == "w8a8":
             graph = pt2e.quantize(deploy, images[:1], quant).graph_module
-            note["weights"] = ("the PT2E int8 program made again from the manifest's quantization spec and "
-                               f"calibration images; {_matching_activation_scales(graph, artifact)}")
+            made_from = ("its trained state (the bundle's QAT program)" if quant.mode == "qat"
+                         else "the manifest's quantization spec and calibration images")
+            note["weights"] = (f"the PT2E int8 program made again from {made_from}; "
+                               f"{_matching_activation_scales(graph, artifact)}")
             with float16_emulation(graph) as rounding:
                 outputs = pt2e.boundary_outputs(graph, _to_float16_values(images), modules)
         else:
