@@ -163,7 +163,7 @@ def _qat_program(bundle: Path, manifest: dict[str, Any], deploy: torch.nn.Module
     from edgevit.quant.qat import program_from_state, read_program_state
     from edgevit.quant.spec import QuantSpec
 
-    path = _qat_program_file(bundle, manifest)
+    path = bundle / manifest["quantization"]["qat_program"]["file"]  # its digest was checked when the bundle was opened
     step(f"making the QAT int8 program again from {bundle.name}/{path.name}")
     spec = QuantSpec.from_summary(manifest["quantization"], qat_state=read_program_state(path))
     spec = spec.with_changes(qat_model=program_from_state(deploy, tuple(deploy.cfg.input_size), spec))
